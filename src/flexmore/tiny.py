@@ -90,7 +90,20 @@ def build_flexolmo(config: FlexOlmoConfig, seed: int = 0, expert_spread: float =
 
 
 @torch.no_grad()
-def build_flexmore(config: FlexMoREConfig, seed: int = 0) -> FlexMoREForCausalLM:
-    """A random FlexMoRE model (low-rank factors at a scale comparable to trained corrections)."""
+def build_flexmore(config: FlexMoREConfig, seed: int = 0, delta_scale: float = 0.5) -> FlexMoREForCausalLM:
+    """A random FlexMoRE model whose low-rank corrections B A are `delta_scale` times the weights' scale.
+
+    (Default init would make B A ~ rank * std^2, invisible next to the public weights, and tests
+    comparing low-rank experts against anything would then pass for the wrong reason.)
+    """
     torch.manual_seed(seed)
-    return FlexMoREForCausalLM(config).eval()
+    model = FlexMoREForCausalLM(config).eval()
+    std = config.initializer_range
+    for block in model.moe_blocks():
+        for expert in block.experts:
+            if expert.rank == 0:
+                continue
+            factor_std = (delta_scale * std / expert.rank**0.5) ** 0.5  # entries of B A: ~ delta_scale * std
+            for name, param in expert.named_parameters():
+                param.normal_(0.0, factor_std)
+    return model
