@@ -83,7 +83,7 @@ def test_dtype_option_casts_weights(flexolmo_dir, tmp_path):
     reader = CheckpointReader(out)
     assert {reader.dtype(k) for k in reader.keys()} == {"BF16"}
     assert describe_checkpoint(out)["bytes"] == 2 * describe_checkpoint(out)["parameters"]
-    with pytest.raises(FlexmoreError, match="unknown dtype 'int3'"):
+    with pytest.raises(FlexmoreError, match="--dtype: unknown dtype 'int3'"):
         convert_checkpoint(flexolmo_dir, tmp_path / "bad", dtype="int3")
 
 

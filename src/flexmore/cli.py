@@ -32,6 +32,11 @@ def _options(
 ):
     _state["debug"] = debug or bool(os.environ.get("FLEXMORE_DEBUG"))
     _state["quiet"] = quiet
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display replaces transformers' bars
+    if quiet:
+        hf_logging.set_verbosity_error()
 
 
 def human(n: float) -> str:
@@ -134,7 +139,7 @@ def demo(
 
 def with_progress(label: str, work):
     """Run work(tick) with a spinner counting ticks (tensors, steps), unless --quiet."""
-    if _state["quiet"]:
+    if _state["quiet"] or not console.is_terminal:
         return work(lambda _name: None)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

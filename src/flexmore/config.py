@@ -126,10 +126,10 @@ class ParamCount:
         return self.total * dtype_bytes(dtype)
 
 
-def dtype_bytes(dtype: str | torch.dtype) -> int:
+def dtype_bytes(dtype: str | torch.dtype, option: str = "dtype") -> int:
     name = str(dtype).replace("torch.", "")
     if name not in _DTYPE_BYTES:
-        raise FlexmoreError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+        raise FlexmoreError(f"{option}: unknown dtype {name!r}; expected one of {', '.join(sorted(_DTYPE_BYTES))}")
     return _DTYPE_BYTES[name]
 
 

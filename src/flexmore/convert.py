@@ -49,6 +49,7 @@ def read_config(reader: CheckpointReader, expert_names: list[str] | None = None)
     if expert_names is None and "expert_names" not in d and meta_file.is_file():
         expert_names = json.loads(meta_file.read_text()).get("expert_names")  # kept by a FlexOlmo export
     if expert_names is not None:
+        check_expert_names(expert_names, d.get("num_experts"))
         d["expert_names"] = list(expert_names)
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         d.pop(key, None)
@@ -60,6 +61,13 @@ def read_config(reader: CheckpointReader, expert_names: list[str] | None = None)
         raise FlexmoreError(f"{reader.path / 'config.json'}: invalid config ({str(exc).splitlines()[0]})") from exc
     config.architectures = ["FlexMoREForCausalLM"]
     return config
+
+
+def check_expert_names(names: list[str], num_experts: int | None, option: str = "--names") -> None:
+    if len(names) != num_experts:
+        raise FlexmoreError(f"{option}: {len(names)} names given but the checkpoint has {num_experts} experts")
+    if len(set(names)) != len(names):
+        raise FlexmoreError(f"{option}: names must be unique, got {','.join(names)}")
 
 
 def open_checkpoint(path_or_id: str | os.PathLike, expert_names: list[str] | None = None):
@@ -122,7 +130,7 @@ def convert_checkpoint(
         raise FlexmoreError(f"--to {to!r}: expected 'flexmore' or 'flexolmo'")
     out_dtype = None
     if dtype is not None:
-        dtype_bytes(dtype)  # names the option when the dtype is unknown
+        dtype_bytes(dtype, "--dtype")
         out_dtype = getattr(torch, dtype)
     reader, config = open_checkpoint(src, expert_names)
     keep = experts_to_keep(config.expert_names, drop_experts)
