@@ -122,7 +122,7 @@ class _MatmulOperands(TorchDispatchMode):
         self.operands = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul", "linear"):
+        if func.__name__.split(".")[0].rstrip("_") in ("mm", "addmm", "bmm", "matmul", "linear"):
             self.operands.append({a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)})
         return func(*args, **(kwargs or {}))
 

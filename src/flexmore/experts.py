@@ -96,39 +96,81 @@ class FlexMoREExperts(nn.ModuleList):
         route = x.new_zeros(n_tokens, num_experts).scatter_(1, top_k_index, top_k_weights.to(x.dtype))
         routed = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=x.device)
         routed.scatter_(1, top_k_index, True)
-        hit = routed.any(0).tolist()  # which experts have tokens: one host sync per layer
+        counts = routed.sum(0).tolist()  # tokens per expert: the one host sync of the layer
 
-        out = torch.zeros_like(x)  # [N, H]
-        shares_base = [e for e in range(num_experts) if hit[e] and (e == 0 or self[e].rank > 0)]
-        if shares_base:
-            # Public gate/up once per token. Computed for all N tokens: with the public expert routed
-            # (the common case) nearly every token needs it, and a gather would cost more than it saves.
+        def tokens_of(e: int) -> torch.Tensor | None:
+            """Token indices routed to e, or None when that is every token (no gather needed)."""
+            return None if counts[e] == n_tokens else routed[:, e].nonzero().squeeze(1)
+
+        out = x.new_zeros(x.shape)  # [N, H]
+        low_rank = [e for e in range(1, num_experts) if counts[e] and self[e].rank > 0]
+        if counts[0] or low_rank:
+            # Public gate/up once per token, for all N tokens: every low-rank expert builds on them, and
+            # with the public expert routed nearly every token needs them anyway.
             g0 = F.linear(x, public.gate_proj.weight)  # [N, I]
             u0 = F.linear(x, public.up_proj.weight)  # [N, I]
-            # z_sum = sum_e p_e z_e over the base-sharing experts: [N, I]
-            z_sum = act_fn(g0) * u0 * route[:, :1] if hit[0] else torch.zeros_like(g0)
-            for e in shares_base:
-                if e == 0:
-                    continue
-                expert = self[e]
-                tokens = routed[:, e].nonzero().squeeze(1)  # [n_e]
-                xe = x[tokens]  # [n_e, H]
-                pe = route[tokens, e].unsqueeze(1)  # [n_e, 1]
-                ze = act_fn(g0[tokens] + expert.delta("gate_proj", xe)) * (u0[tokens] + expert.delta("up_proj", xe))
-                ze = ze * pe  # p_e z_e: [n_e, I]; the low-rank down term is linear, so weight once here
-                z_sum.index_add_(0, tokens, ze)
-                out.index_add_(0, tokens, expert.delta("down_proj", ze))  # p_e B_d A_d z_e: [n_e, H]
+            # z_sum = sum_e p_e z_e over the public and low-rank experts: [N, I]
+            z_sum = act_fn(g0).mul_(u0).mul_(route[:, :1]) if counts[0] else torch.zeros_like(g0)
+            grad = torch.is_grad_enabled() and any(p.requires_grad for e in low_rank for p in self[e].parameters())
+            low_rank_term = _low_rank_term_autograd if grad else _low_rank_term_inplace
+            workspace = None if grad else x.new_empty(2, max((counts[e] for e in low_rank), default=0), g0.shape[1])
+            for e in low_rank:
+                tokens = tokens_of(e)
+                weights = route[:, e : e + 1] if tokens is None else route[tokens, e].unsqueeze(1)  # [n_e, 1]
+                z, y = low_rank_term(self[e], x, g0, u0, tokens, weights, act_fn, workspace)
+                # z = p_e z_e [n_e, I]; y = p_e B_d A_d z_e [n_e, H]
+                if tokens is None:
+                    z_sum = z_sum + z if grad else z_sum.add_(z)
+                    out = out + y
+                else:
+                    z_sum = z_sum.index_add(0, tokens, z) if grad else z_sum.index_add_(0, tokens, z)
+                    out = out.index_add(0, tokens, y)
             out = out + F.linear(z_sum, public.down_proj.weight)  # W_d,0 sum_e p_e z_e: [N, H]
 
-        for e in range(1, num_experts):
+        for e in range(1, num_experts):  # full-size domain experts share nothing: ordinary FFNs
             expert = self[e]
-            if not hit[e] or expert.rank > 0:
+            if not counts[e] or expert.rank > 0:
                 continue
-            tokens = routed[:, e].nonzero().squeeze(1)
-            xe = x[tokens]
+            tokens = tokens_of(e)
+            xe = x if tokens is None else x[tokens]
             ye = expert.down_proj(act_fn(expert.gate_proj(xe)) * expert.up_proj(xe))  # [n_e, H]
-            out.index_add_(0, tokens, ye * route[tokens, e].unsqueeze(1))
+            weights = route[:, e : e + 1] if tokens is None else route[tokens, e].unsqueeze(1)
+            out = out + ye * weights if tokens is None else out.index_add(0, tokens, ye * weights)
         return out
+
+
+def _low_rank_term_autograd(expert, x, g0, u0, tokens, weights, act_fn, workspace):
+    """p_e z_e and p_e B_d A_d z_e for one low-rank expert, out of place (differentiable, for training)."""
+    xe, g, u = (x, g0, u0) if tokens is None else (x[tokens], g0[tokens], u0[tokens])  # [n_e, H], [n_e, I]
+    z = act_fn(g + expert.delta("gate_proj", xe)) * (u + expert.delta("up_proj", xe)) * weights
+    return z, expert.delta("down_proj", z)
+
+
+def _low_rank_term_inplace(expert, x, g0, u0, tokens, weights, act_fn, workspace):
+    """The same for inference, in a reused workspace: each [n_e, I] tensor is touched as few times as possible.
+
+    The router weight is folded into the small up-projection factor product, so p_e costs no extra pass.
+    """
+    n = x.shape[0] if tokens is None else tokens.shape[0]
+    g, u = workspace[0, :n], workspace[1, :n]  # [n_e, I] each
+    xe = x if tokens is None else x[tokens]  # [n_e, H]
+    a_g = F.linear(xe, expert.gate_proj_a.weight)  # [n_e, r]
+    a_u = F.linear(xe, expert.up_proj_a.weight).mul_(weights)  # p_e A_u x: [n_e, r]
+    if tokens is None:
+        torch.addmm(g0, a_g, expert.gate_proj_b.weight.t(), out=g)  # g0 + B_g A_g x
+        torch.mul(u0, weights, out=u)
+    else:
+        torch.index_select(g0, 0, tokens, out=g).addmm_(a_g, expert.gate_proj_b.weight.t())
+        torch.index_select(u0, 0, tokens, out=u).mul_(weights)
+    u.addmm_(a_u, expert.up_proj_b.weight.t())  # p_e (u0 + B_u A_u x)
+    z = _activate_inplace(act_fn, g).mul_(u)  # p_e z_e
+    return z, expert.delta("down_proj", z)
+
+
+def _activate_inplace(act_fn, t: torch.Tensor) -> torch.Tensor:
+    if act_fn is F.silu or isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        return F.silu(t, inplace=True)
+    return act_fn(t)
 
 
 class FlexMoRESparseMoeBlock(nn.Module):
