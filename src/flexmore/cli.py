@@ -127,6 +127,39 @@ def convert(
 
 
 @app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="Output directory (written to a temporary sibling, renamed at the end).")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT",
+            help="The owners' 2-expert checkpoints (expert 0 public, expert 1 theirs), optionally preceded by the "
+            "public model (a 1-expert checkpoint).",
+        ),
+    ],
+    names: Annotated[
+        Optional[str], typer.Option(help="Comma-separated names of the owners' experts, one per owner (not the public).")
+    ] = None,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", help="Active experts per token (default: the owners' value).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Merge the owners' domain experts into one mixture; shared weights must be bit-identical across inputs."""
+    from .merge import merge_experts
+
+    result = with_progress(
+        "merging",
+        lambda tick: merge_experts(
+            out, inputs, names=names.split(",") if names else None, overwrite=overwrite, top_k=top_k, on_tensor=tick
+        ),
+    )
+    cfg = result.config
+    experts = ", ".join(f"{n}:{'full' if r == 0 else r}" for n, r in zip(cfg.expert_names, cfg.expert_ranks))
+    console.print(f"wrote {result.out} ({result.target}; experts {experts}; k={cfg.num_experts_per_tok})")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -137,13 +170,118 @@ def demo(
     run_demo(out, seed=seed, log=None if _state["quiet"] else console.print)
 
 
-def with_progress(label: str, work):
+class Method(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    randomized = "randomized"
+
+
+@app.command()
+def extract(
+    src: Annotated[str, typer.Argument(help="FlexOlmo (or FlexMoRE) checkpoint directory or hub id, 2 or more experts.")],
+    out: Annotated[Path, typer.Argument(help="Output FlexMoRE checkpoint (with --sweep: a directory of them).")],
+    ranks: Annotated[Optional[str], typer.Option(
+        help="Per-expert ranks by name or index: 'math=2048,code=256,news=full', one value for all ('64'), "
+             "'energy:0.9' (smallest rank keeping that fraction of the delta's squared norm), or a JSON rank-spec "
+             "file. Experts not named stay full-size (or share --budget).")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        help="Total parameter budget (e.g. 10.75B): experts not fixed by --ranks get the ranks that keep the most "
+             "energy within it (exact allocation).")] = None,
+    sweep: Annotated[Optional[str], typer.Option(
+        help="Ranks to sweep, e.g. '1,2,4,8,full': one SVD cache in OUT/svd-cache and a checkpoint OUT/rank-R each.")] = None,
+    cache_only: Annotated[bool, typer.Option(help="With --sweep: write only the SVD cache.")] = False,
+    cache: Annotated[Optional[Path], typer.Option(
+        help="SVD cache directory, kept for reuse (default: OUT.svd-cache, removed after success; "
+             "with --sweep OUT/svd-cache). A rerun reuses its finished part.")] = None,
+    method: Annotated[Method, typer.Option(help="SVD: exact, randomized, or auto (randomized for ranks <= 256).")] = Method.auto,
+    compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64 (bf16/fp16 are upcast).")] = "float32",
+    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the randomized SVD.")] = 0,
+    oversample: Annotated[int, typer.Option(help="Randomized SVD oversampling.")] = 10,
+    power_iters: Annotated[int, typer.Option(help="Randomized SVD power iterations.")] = 2,
+    dtype: Annotated[Optional[str], typer.Option(help="Store weights as float32, bfloat16 or float16.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Print every matrix, not one row per expert and projection.")] = False,
+):
+    """PHLoRA: turn each domain expert into the public FFN plus a truncated-SVD correction of its own rank."""
+    from .extract import SvdSettings
+    from .extract import extract as run_extract
+
+    if compute_dtype not in ("float32", "float64"):
+        raise FlexmoreError(f"--compute-dtype {compute_dtype!r}: expected float32 or float64")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FlexmoreError(f"--device {device}: no CUDA device is available")
+    settings = SvdSettings(rank=1, method=method.value, compute_dtype=compute_dtype, oversample=oversample,
+                           power_iters=power_iters, seed=seed, device=device)
+    result = with_progress("extracting", lambda tick: run_extract(
+        src, out, ranks=ranks, budget=budget, sweep=sweep, cache_dir=cache, cache_only=cache_only,
+        settings=settings, dtype=dtype, overwrite=overwrite, on_step=tick), unit="matrices")
+    if sweep is not None:
+        for row in result.report["sweep"]:
+            console.print(f"rank {row['rank']}: {row['path']} ({row['parameters']:,} parameters)")
+        console.print(f"SVD cache: {result.report['cache']}")
+    else:
+        print_extraction_report(result.report, verbose)
+        console.print(f"wrote {result.outputs[0]}" + (f"; SVD cache kept in {result.cache}" if result.cache else ""))
+
+
+@app.command()
+def assemble(
+    cache: Annotated[Path, typer.Argument(help="SVD cache written by `flexmore extract` (--sweep or --cache).")],
+    out: Annotated[Path, typer.Argument(help="Output FlexMoRE checkpoint.")],
+    ranks: Annotated[Optional[str], typer.Option(help="Rank spec, as for `flexmore extract`.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Parameter budget, as for `flexmore extract`.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store weights as float32, bfloat16 or float16.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Print every matrix.")] = False,
+):
+    """Build a FlexMoRE checkpoint with any mixture of ranks from an SVD cache, without another SVD."""
+    from .extract.pipeline import assemble_from_cache
+
+    report = assemble_from_cache(cache, out, ranks=ranks, budget=budget, dtype=dtype, overwrite=overwrite)
+    print_extraction_report(report, verbose)
+    console.print(f"wrote {out}")
+
+
+def print_extraction_report(report: dict, verbose: bool = False) -> None:
+    """Per expert and matrix (or projection, pooled over layers): rank, retained energy, relative error."""
+    table = Table(title="PHLoRA extraction",
+                  caption=None if verbose else "per projection: mean retained energy, max error over layers")
+    for col in ("expert", "rank", "matrix", "retained energy", "rel. Frobenius error"):
+        table.add_column(col, justify="left" if col in ("expert", "matrix") else "right")
+    for x in report["experts"]:
+        rank = str(x["rank"])
+        if not x["matrices"]:
+            table.add_row(x["name"], rank, "all", "1.0000", "0.0000")
+        groups: dict[str, list] = {}
+        for m in x["matrices"]:
+            key = f"layer {m['layer']} {m['proj']}" if verbose else m["proj"]
+            groups.setdefault(key, []).append(m)
+        for key, ms in groups.items():
+            energy = sum(m["retained_energy"] for m in ms) / len(ms)
+            error = max(m["relative_error"] for m in ms)
+            table.add_row(x["name"], rank, key, f"{energy:.4f}", f"{error:.4f}")
+    out = Console()
+    out.print(table)
+    for x in report["experts"]:
+        if x.get("note"):
+            out.print(f"note: {x['name']}: {x['note']}", highlight=False)
+    out.print(f"parameters: {report['parameters']:,} ({human(report['parameters'])}) vs all-full "
+              f"{report['parameters_all_full']:,} ({human(report['parameters_all_full'])}); "
+              f"bytes at {report['dtype']}: {human_bytes(report['bytes'])} vs {human_bytes(report['bytes_all_full'])}; "
+              f"saving {100 * report['saving']:.1f}%")
+
+
+def with_progress(label: str, work, unit: str = "tensors"):
     """Run work(tick) with a spinner counting ticks (tensors, steps), unless --quiet."""
     if _state["quiet"] or not console.is_terminal:
         return work(lambda _name: None)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} tensors"),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn(f"{{task.completed}} {unit}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(label, total=None)
         return work(lambda _name: progress.advance(task))

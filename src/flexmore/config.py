@@ -170,18 +170,22 @@ def parse_rank_value(text: str, where: str) -> int:
     return FULL if text == "full" else int(text)
 
 
-def parse_rank_spec(spec: str, expert_names: list[str], option: str = "--ranks") -> dict[int, int]:
-    """Parse a rank spec into {expert index: rank (0 = full)} for the non-public experts it names.
+def parse_rank_spec(spec: str, expert_names: list[str], option: str = "--ranks", parse_value=parse_rank_value) -> dict:
+    """Parse a rank spec into {expert index: value} for the non-public experts it names.
 
     A bare value applies to every domain expert; `name=value` or `index=value` pairs set one each.
+    A path to a JSON file (as `flexmore select` writes: {"ranks": {"math": 64, "code": "full"}}) works too.
+    `parse_value(text, where)` turns one value into a rank (default: an integer or 'full', 0 = full).
     """
     spec = spec.strip()
     if not spec:
         raise FlexmoreError(f"{option}: empty rank spec")
+    if spec.endswith(".json"):
+        spec = rank_spec_from_file(spec, option)
     if "=" not in spec:
-        rank = parse_rank_value(spec, option)
-        return {e: rank for e in range(1, len(expert_names))}
-    out: dict[int, int] = {}
+        value = parse_value(spec, option)
+        return {e: value for e in range(1, len(expert_names))}
+    out: dict = {}
     for item in spec.split(","):
         if "=" not in item:
             raise FlexmoreError(f"{option}: {item.strip()!r} is not of the form expert=rank")
@@ -191,8 +195,23 @@ def parse_rank_spec(spec: str, expert_names: list[str], option: str = "--ranks")
             raise FlexmoreError(f"{option}: expert {key!r} is the public expert; it is always full-size")
         if e in out:
             raise FlexmoreError(f"{option}: expert {key!r} is given twice")
-        out[e] = parse_rank_value(value, f"{option} {key}")
+        out[e] = parse_value(value, f"{option} {key}")
     return out
+
+
+def rank_spec_from_file(path: str, option: str) -> str:
+    """The inline form of a rank-spec file: {"ranks": {name: rank or "full", ...}, ...}."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FlexmoreError(f"{option}: rank spec file {path} does not exist")
+    try:
+        ranks = json.loads(file.read_text())["ranks"]
+        return ",".join(f"{name}={value}" for name, value in ranks.items())
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        raise FlexmoreError(f"{path}: not a rank spec file (expected {{\"ranks\": {{expert: rank}}}})") from exc
 
 
 def resolve_expert(key: str, expert_names: list[str], option: str) -> int:
