@@ -107,7 +107,8 @@ def low_rank_owner(public_dir: Path, seed: int) -> tuple[FlexMoREForCausalLM, di
     public = load_file(public_dir / "model.safetensors")  # on-disk keys = FlexMoRE's keys for shared + expert 0
     state = model.state_dict()
     own = {k for k in state if k not in public}
-    assert own == {f"model.layers.{l}.mlp.experts.1.{p}{ab}.weight" for l in range(L) for p in PROJ for ab in "_a _b".split()}
+    factors = {expert_file_key(layer, 1, proj, part) for layer in range(L) for proj in PROJ for part in ("_a", "_b")}
+    assert own == factors
     g = torch.Generator().manual_seed(seed)
     for key, value in public.items():
         state[key] = torch.cat([value, torch.randn(value.shape, generator=g)]) if key.endswith(FUSED[2]) else value
@@ -274,11 +275,12 @@ def test_names_and_top_k_options(world: World, tmp_path: Path) -> None:
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_single_owner_clamps_nothing_and_needs_no_public(world: World, tmp_path: Path) -> None:
+def test_single_owner_gives_its_own_model_back(world: World, tmp_path: Path) -> None:
     """One owner is the smallest merge: the same 2-expert model back, tensors equal to the owner's."""
     result = merge_experts(tmp_path / "out", world.dirs("news"))
     assert result.expert_names == ["public", "news"] and result.config.num_experts_per_tok == 2
-    merged, owner = load_file(tmp_path / "out" / "model.safetensors"), load_file(world.owners["news"].path / "model.safetensors")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    owner = load_file(world.owners["news"].path / "model.safetensors")
     assert merged.keys() == owner.keys() and all(torch.equal(merged[k], owner[k]) for k in merged)
 
 
@@ -335,14 +337,24 @@ def test_public_model_that_differs_is_named(world: World, tmp_path: Path) -> Non
                 key, str(public / "model.safetensors"), str(world.owners["code"].path / "model.safetensors"))
 
 
+def test_owner_stored_in_another_dtype_is_refused(world: World, tmp_path: Path) -> None:
+    bf16 = copy_owner(world, "news", tmp_path / "bf16")
+    rewrite_tensors(bf16, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    merge_error(tmp_path / "out", [world.owners["code"].path, bf16], "model.embed_tokens.weight",
+                "(float32 vs bfloat16)")
+
+
 def test_owner_of_another_public_model_is_refused(world: World, tokenizer, tmp_path: Path) -> None:
-    other_public = build_flexolmo(tiny_flexolmo_config(vocab_size=len(tokenizer), num_experts=1, num_experts_per_tok=1), seed=1)
+    public_config = tiny_flexolmo_config(vocab_size=len(tokenizer), num_experts=1, num_experts_per_tok=1)
+    other_public = build_flexolmo(public_config, seed=1)
     foreign = save(derive_owner(other_public, seed=30), tmp_path / "foreign", tokenizer)
     merge_error(tmp_path / "out", [*world.dirs("code", "news"), foreign],
                 "model.embed_tokens.weight", str(foreign / "model.safetensors"), "same public model")
 
 
-@pytest.mark.parametrize(("field", "value"), [("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 3)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 3)]
+)
 def test_other_architecture_is_refused(world: World, tokenizer, tmp_path: Path, field: str, value: int) -> None:
     config = tiny_flexolmo_config(vocab_size=len(tokenizer), num_experts=2, num_experts_per_tok=2, **{field: value})
     other = save(build_flexolmo(config, seed=0), tmp_path / "other", tokenizer)
@@ -367,7 +379,8 @@ def test_nan_or_inf_is_refused(world: World, tmp_path: Path, owner: str, key: st
         tensors[key] = t
 
     rewrite_tensors(bad, poison)
-    merge_error(tmp_path / "out", [world.owners["code"].path, bad], f"{bad / 'model.safetensors'}: tensor {key}", "NaN or Inf")
+    merge_error(tmp_path / "out", [world.owners["code"].path, bad], f"{bad / 'model.safetensors'}: tensor {key}",
+                "NaN or Inf")
 
 
 def test_names_are_checked(world: World, tmp_path: Path) -> None:
@@ -425,7 +438,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 
 def test_cli_merge(run_cli, world: World, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("merge", out, world.public_dir, *world.dirs("code", LOW_RANK_NAME), "--names", "c,l", "--top-k", "3")
+    inputs = [world.public_dir, *world.dirs("code", LOW_RANK_NAME)]
+    result = run_cli("merge", out, *inputs, "--names", "c,l", "--top-k", "3")
     assert result.code == 0, result.err
     assert f"wrote {out}" in result.err and "flexmore" in result.err and f"l:{RANK}" in result.err
     config = json.loads((out / "config.json").read_text())

@@ -138,7 +138,7 @@ def merge(
         ),
     ],
     names: Annotated[
-        Optional[str], typer.Option(help="Comma-separated names of the owners' experts, one per owner (not the public).")
+        Optional[str], typer.Option(help="Comma-separated names of the owners' experts, one per owner (not public).")
     ] = None,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", help="Active experts per token (default: the owners' value).")

@@ -83,13 +83,13 @@ def merge_experts(
     Refuses, before anything reaches `out`, inputs that do not share one architecture and one public model.
     """
     if not inputs:
-        raise FlexmoreError("merge: no inputs; give the owners' 2-expert checkpoints (the public model first, optionally)")
+        raise FlexmoreError("merge: no inputs; give the owners' checkpoints (optionally the public model first)")
     opened = [MergeInput(str(src), *open_checkpoint(src)) for src in inputs]
     public = opened[0] if opened[0].config.num_experts == 1 else None
     owners = opened[1:] if public is not None else opened
     _check_expert_counts(opened)
     if not owners:
-        raise FlexmoreError(f"merge: {public.source} is the public model; give at least one owner's checkpoint after it")
+        raise FlexmoreError(f"merge: {public.source} is the public model; give at least one owner's checkpoint too")
     _check_architecture(opened)
     out = Path(out)
     for x in opened:
@@ -120,7 +120,8 @@ def merge_experts(
             return
         detail = f" ({a.dtype} vs {b.dtype})".replace("torch.", "") if a.dtype != b.dtype else ""
         raise FlexmoreError(
-            f"{what} differs between {first.reader.file_of(name)} and {x.reader.file_of(name)}{detail}: {_NOT_SAME_PUBLIC}"
+            f"{what} differs between {first.reader.file_of(name)} and {x.reader.file_of(name)}{detail}: "
+            f"{_NOT_SAME_PUBLIC}"
         )
 
     def shared(name: str) -> torch.Tensor:
@@ -131,16 +132,20 @@ def merge_experts(
         return tensor
 
     def router(name: str) -> torch.Tensor:
-        """[public row 0; each owner's row 1]: [n+1, H]; row 0 must agree across every input."""
-        first_weight = read(first, name)  # [1 or 2, H]
+        """[public row 0; each owner's row 1]: [n+1, H]; row 0 must agree across the owners.
+
+        A 1-expert public model's router row has no effect on its output (softmax over one expert), so
+        it is not compared: row 0 comes from the owners, who all trained with it frozen.
+        """
+        first_owner = owners[0]
+        first_weight = read(first_owner, name)  # [2, H]
         row0 = first_weight[PUBLIC : PUBLIC + 1]  # [1, H]
         rows = [row0]
-        for x in opened:
-            weight = first_weight if x is first else read(x, name)
-            if x is not first:
+        for x in owners:
+            weight = first_weight if x is first_owner else read(x, name)
+            if x is not first_owner:
                 check_same(name, f"{name} row 0 (the public router row)", row0, weight[PUBLIC : PUBLIC + 1], x)
-            if x is not public:
-                rows.append(weight[1:2])  # the owner's row: [1, H]
+            rows.append(weight[1:2])  # the owner's row: [1, H]
         return torch.cat(rows)
 
     def produce(name: str) -> torch.Tensor:
