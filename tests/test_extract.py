@@ -22,6 +22,7 @@ from flexmore.extract.ranks import Energy, Fixed, Spectrum, allocate_budget, par
 from flexmore.tiny import build_flexolmo
 
 from .conftest import NAMES
+from .test_cli import assert_one_error_line, flexmore, leftovers  # noqa: F401 - flexmore is a fixture
 
 
 def low_rank(out: int, inp: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -335,3 +336,19 @@ def test_non_flexolmo_and_non_finite_sources(named_dir, tmp_path):
     with pytest.raises(FlexmoreError, match=r"model\.layers\.1\.mlp\.experts\.3\.down_proj\.weight contains NaN or Inf"):
         extract(bad, tmp_path / "o", ranks="4")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_extract_errors_are_one_line(named_dir, tmp_path, flexmore):
+    for args, fragment in [
+        (["--ranks", "code=0"], "--ranks code: rank 0 must be at least 1"),
+        (["--ranks", "energy:2"], "energy 2 must be in (0, 1]"),
+        (["--ranks", "bogus=4"], "unknown expert 'bogus'"),
+        (["--compute-dtype", "float16", "--ranks", "4"], "--compute-dtype"),
+    ]:
+        result = flexmore("extract", named_dir, tmp_path / "o", *args)
+        assert_one_error_line(result, fragment)
+        assert not (tmp_path / "o").exists() and not leftovers(tmp_path / "o")
+    ok = flexmore("extract", named_dir, tmp_path / "o", "--ranks", "code=2,chat=energy:0.6")
+    assert ok.code == 0 and "retained energy" in ok.out and "saving" in ok.out
+    again = flexmore("extract", named_dir, tmp_path / "o", "--ranks", "4")
+    assert_one_error_line(again, "already exists")

@@ -361,7 +361,8 @@ def extract(
         if budget is not None:
             parse_budget(budget)  # a bad budget fails before any SVD
         needs_spectrum = budget is not None or any(isinstance(p, Energy) for p in policies.values())
-        fixed = [p.rank for p in policies.values() if isinstance(p, Fixed)]
+        even = break_even_rank(config.hidden_size, config.intermediate_size)
+        fixed = [p.rank for p in policies.values() if isinstance(p, Fixed) and p.rank < even]
         cache_rank = break_even_rank(config.hidden_size, config.intermediate_size) if needs_spectrum else max(fixed, default=1)
         cache_rank = min(cache_rank, max_rank)
         default_cache = cache_dir is None
@@ -374,10 +375,13 @@ def extract(
     if out.exists() and not out.is_dir():
         raise FlexmoreError(f"{out}: exists and is not a directory")
 
-    def factorised(e: int) -> bool:  # does expert e need its SVD?
+    def factorised(e: int) -> bool:  # does expert e need its SVD? (not when it ends up full-size)
         if sweep is not None:
             return True
-        return not isinstance(policies.get(e, Full()), Full) or (budget is not None and e not in policies)
+        policy = policies.get(e, Full())
+        if isinstance(policy, Fixed):
+            return policy.rank < break_even_rank(config.hidden_size, config.intermediate_size)
+        return not isinstance(policy, Full) or (budget is not None and e not in policies)
 
     experts = [e for e in range(1, config.num_experts) if factorised(e)]
     cache, timings = (None, {})
