@@ -108,3 +108,29 @@ def test_overwrite_replaces_only_on_success(flexolmo_dir, tmp_path):
     convert_checkpoint(flexolmo_dir, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_writer_streams_each_tensor_to_disk_and_round_trips_every_dtype(tmp_path):
+    tensors = {
+        "a.f32": torch.randn(7, 5),
+        "b.bf16": torch.randn(3, 4).to(torch.bfloat16),
+        "c.f16": torch.randn(9).to(torch.float16),
+        "d.i64": torch.arange(6).reshape(2, 3),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(3.5),
+        "g.f64": torch.randn(2, 2, dtype=torch.float64),
+    }
+    with CheckpointWriter(tmp_path / "out", max_shard_bytes=100) as writer:
+        on_disk = []
+        for name, t in tensors.items():
+            writer.add(name, t)
+            on_disk.append(sum(p.stat().st_size for p in writer.tmp.glob("*")))
+        writer.commit({"operation": "test"})
+    assert on_disk == sorted(on_disk) and on_disk[-1] > 0  # bytes reach disk as tensors arrive
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    back = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        back.update(load_file(tmp_path / "out" / shard))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

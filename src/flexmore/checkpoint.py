@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .errors import FlexmoreError
@@ -178,10 +177,50 @@ def read_safetensors_header(file: Path) -> dict:
     return header
 
 
+_ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                   torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                   torch.bool: "BOOL"}
+
+
+class _ShardStream:
+    """One safetensors shard written tensor by tensor: data bytes go to a side file as they arrive; on
+    close the header (now known) is written and the data appended after it. Memory: one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_suffix(".data")
+        self.data = open(self.data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors here")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self.data.write(raw)
+        size = t.numel() * t.element_size()
+        self.entries[name] = {"dtype": _ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + size]}
+        self.nbytes += size
+
+    def close(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format allows space padding; keeps data 8-byte aligned
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        self.data_path.unlink()
+
+
 class CheckpointWriter:
     """Write tensors shard by shard into a temporary sibling of `out`; `commit()` renames it into place.
 
-    Used as a context manager: an exception leaves `out` untouched and removes the temporary directory.
+    Tensors go to disk as they are added (never more than one held here), so writing a checkpoint
+    costs no memory beyond the tensor at hand. Used as a context manager: an exception leaves `out`
+    untouched and removes the temporary directory.
     """
 
     def __init__(self, out: str | os.PathLike, max_shard_bytes: int = 4 << 30, overwrite: bool = False):
@@ -196,8 +235,7 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: _ShardStream | None = None
         self._shards: list[list[str]] = []
         self._total_bytes = 0
         self._names: set[str] = set()
@@ -207,18 +245,19 @@ class CheckpointWriter:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous().cpu()
-        self._pending_bytes += nbytes
+        if self._shard is not None and self._shard.nbytes and self._shard.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._shard is None:
+            self._shard = _ShardStream(self.tmp / f"shard-{len(self._shards):05d}.safetensors")
+        self._shard.add(name, tensor)
         self._total_bytes += nbytes
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _close_shard(self) -> None:
+        if self._shard is None:
             return
-        save_file(self._pending, self.tmp / f"shard-{len(self._shards):05d}.safetensors", metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._shard.close()
+        self._shards.append(list(self._shard.entries))
+        self._shard = None
 
     def write_json(self, name: str, obj) -> None:
         (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -227,7 +266,7 @@ class CheckpointWriter:
         shutil.copy2(src, self.tmp / src.name)
 
     def commit(self, meta: dict) -> Path:
-        self._flush()
+        self._close_shard()
         n = len(self._shards)
         weight_map = {}
         for i, names in enumerate(self._shards):
@@ -241,6 +280,9 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.data.close()
+            self._shard = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> CheckpointWriter:

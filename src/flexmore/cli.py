@@ -197,7 +197,8 @@ def extract(
     compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64 (bf16/fp16 are upcast).")] = "float32",
     device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the randomized SVD.")] = 0,
-    oversample: Annotated[int, typer.Option(help="Randomized SVD oversampling.")] = 10,
+    oversample: Annotated[Optional[int], typer.Option(
+        help="Randomized SVD oversampling (default max(10, rank/4)).")] = None,
     power_iters: Annotated[int, typer.Option(help="Randomized SVD power iterations.")] = 2,
     dtype: Annotated[Optional[str], typer.Option(help="Store weights as float32, bfloat16 or float16.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,

@@ -44,7 +44,7 @@ class SvdSettings:
     rank: int  # singular triplets kept per matrix
     method: str = "auto"
     compute_dtype: str = "float32"
-    oversample: int = 10
+    oversample: int | None = None  # None: max(10, rank / 4)
     power_iters: int = 2
     seed: int = 0
     device: str = "cpu"  # where SVDs run; not part of the cache identity
@@ -413,9 +413,9 @@ def extract(
         return ExtractionResult(outputs, chosen, report, cache_dir, timings)
 
     report = resolve_and_assemble(reader, config, cache, out, policies, budget, dtype, overwrite,
-                                  meta={"operation": "extract", "source": str(src), "ranks": ranks, "budget": budget})
-    report["svd"] = settings.identity()
-    report["timings"] = {**timings, "total_seconds": time.perf_counter() - started}
+                                  meta={"operation": "extract", "source": str(src), "ranks": ranks, "budget": budget},
+                                  extra={"svd": settings.identity(), "timings": timings, "started": started})
+    report["timings"]["total_seconds"] = time.perf_counter() - started  # in the returned report only
     resolution_ranks = report["expert_ranks"]
     if default_cache and cache is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -424,8 +424,11 @@ def extract(
 
 def resolve_and_assemble(reader: CheckpointReader, config: FlexMoREConfig, cache: SvdCache | None, out: Path,
                          policies: dict[int, Policy], budget: str | None, dtype: str | None, overwrite: bool,
-                         meta: dict) -> dict:
-    """Choose every expert's rank (policies, budget) from the cached spectra, write OUT; returns the report."""
+                         meta: dict, extra: dict | None = None) -> dict:
+    """Choose every expert's rank (policies, budget) from the cached spectra, write OUT; returns the report.
+
+    `extra` goes into the report: `svd` settings, `timings` of the SVD phase and `started` (perf_counter).
+    """
     budget_params = parse_budget(budget) if budget is not None else None
     open_for_budget = [e for e in range(1, config.num_experts) if budget is not None and e not in policies]
     base = count_parameters(config, [FULL] + [1] * (config.num_experts - 1))
@@ -434,6 +437,11 @@ def resolve_and_assemble(reader: CheckpointReader, config: FlexMoREConfig, cache
     resolution = resolve_ranks(policies, spectra, config.num_experts, config.hidden_size, config.intermediate_size,
                                config.num_hidden_layers, budget_params, base.shared + base.router + base.experts[0])
     report = extraction_report(config, cache, resolution, policies, dtype or config.stored_dtype())
+    extra = dict(extra or {})
+    started = extra.pop("started", None)
+    report.update(extra)
+    if started is not None:  # everything but writing the checkpoint itself
+        report["timings"] = {**report.get("timings", {}), "seconds_before_writing": time.perf_counter() - started}
     meta = {**meta, "expert_ranks": resolution.ranks, "expert_names": config.expert_names}
     assemble_checkpoint(reader, config, cache, out, resolution.ranks, dtype, overwrite, meta=meta, report=report)
     return report
