@@ -247,6 +247,134 @@ def assemble(
     console.print(f"wrote {out}")
 
 
+@app.command(name="eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="FlexMoRE or FlexOlmo checkpoint directory or hub id.")],
+    tasks: Annotated[list[str], typer.Option("--tasks", "-t", help=(
+        "Named benchmark groups (MC9, GEN5, MMLU, MMLU-Pro, AGIEval, BBH, Math2, Code4: need the dataset hub) "
+        "and/or local task files (*.jsonl, or a directory of them). Repeatable or comma-separated."))],
+    limit: Annotated[Optional[int], typer.Option(help="At most N instances per task (the paper used 1000).")] = None,
+    batch_size: Annotated[str, typer.Option(help="Batch size, or 'auto'.")] = "8",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Active experts per token.")] = None,
+    drop_expert: Annotated[Optional[list[str]], typer.Option("--drop-expert", help="Opt an expert out (repeatable).")] = None,
+    micro: Annotated[bool, typer.Option(help="Group scores weighted by instances instead of by task.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Evaluate one model with lm-evaluation-harness on benchmark groups and local task files."""
+    from .convert import load_model
+    from .eval.engine import evaluate, group_scores, mean_of_group_means, resolve_tasks
+    from .eval.sweep import load_tokenizer
+
+    refs = resolve_tasks(split_items(tasks))
+    lm_model = load_model(model, top_k=top_k, drop_experts=tuple(drop_expert or ()), device=device)
+    tokenizer = load_tokenizer(Path(lm_model.name_or_path))
+    results = evaluate(lm_model, tokenizer, refs, limit=limit, batch_size=parse_batch(batch_size), device=device)
+    groups = group_scores(results, micro=micro)
+    headline = mean_of_group_means(groups)
+    if as_json:
+        print(json.dumps({"tasks": [r.__dict__ for r in results], "groups": groups, "mean_of_group_means": headline},
+                         indent=2))
+        return
+    table = Table(title=f"{model}")
+    for col in ("task", "group", "metric", "score", "n"):
+        table.add_column(col, justify="right" if col in ("score", "n") else "left")
+    for r in results:
+        table.add_row(r.task, r.group, r.main_metric, f"{r.score:.4f}", str(r.n))
+    out = Console()
+    out.print(table)
+    for group, score in groups.items():
+        out.print(f"group {group}: {score:.4f}")
+    out.print(f"mean of group means: {headline:.4f}")
+
+
+def split_items(items: list[str]) -> list[str]:
+    return [x.strip() for item in items for x in item.split(",") if x.strip()]
+
+
+def parse_batch(text: str):
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise FlexmoreError(f"--batch-size {text!r}: a positive integer or 'auto'")
+    return int(text)
+
+
+@app.command()
+def sweep(
+    source: Annotated[str, typer.Argument(help="N-expert FlexOlmo (or FlexMoRE) checkpoint with named experts.")],
+    tasks: Annotated[list[str], typer.Option("--tasks", "-t", help="Groups and/or local task files, as for `eval`.")],
+    db: Annotated[Path, typer.Option(help="SQLite results database (created or resumed).")] = Path("results.sqlite"),
+    ranks: Annotated[str, typer.Option(help="Ranks of the sweep, 'full' included.")] = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096,full",
+    k: Annotated[Optional[str], typer.Option("--k", help="Active experts of N-expert mixtures, e.g. '2,4,N' (default).")] = None,
+    spec: Annotated[Optional[list[str]], typer.Option("--spec", help=(
+        "Heterogeneous rank spec: a JSON file from `flexmore select` or an inline spec (repeatable).")),] = None,
+    only: Annotated[Optional[str], typer.Option(help=(
+        "Mixture kinds to run: comma-separated of public, pair, homogeneous, heterogeneous (default all).")),] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SVD cache (default DB.svd-cache; built or completed as needed).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N instances per task.")] = None,
+    batch_size: Annotated[str, typer.Option(help="Batch size, or 'auto'.")] = "8",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    ray: Annotated[Optional[str], typer.Option("--ray", help=(
+        "Fan mixtures out on Ray: 'auto' (existing cluster), an address, or 'local[:N]'. Needs flexmore[ray].")),] = None,
+):
+    """Run the paper's study over your experts: 2-expert and N-expert mixtures x ranks x k, resumable."""
+    from .eval.sweep import run_sweep
+
+    kinds = ("public", "pair", "homogeneous", "heterogeneous")
+    include = tuple(x.strip() for x in only.split(",")) if only else kinds
+    bad = [x for x in include if x not in kinds]
+    if bad:
+        raise FlexmoreError(f"--only: unknown mixture kind {bad[0]!r}; expected some of {', '.join(kinds)}")
+    if "heterogeneous" in include and not spec and only:
+        raise FlexmoreError("--only heterogeneous needs at least one --spec")
+    summary = with_eta("sweeping", lambda tick: run_sweep(
+        source, split_items(tasks), db, ranks=ranks, ks=k, specs=list(spec or ()), cache_dir=cache, include=include,
+        limit=limit, batch_size=parse_batch(batch_size), device=device, ray_address=ray, on_progress=tick))
+    console.print(f"{summary.mixtures} mixtures x {summary.tasks} tasks: {summary.evaluated} evaluated now, "
+                  f"{summary.skipped} already in {db} ({summary.seconds:.0f} s)")
+
+
+@app.command()
+def results(
+    db: Annotated[Path, typer.Argument(help="SQLite results database written by `flexmore sweep`.")],
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (long format, every column) instead of a table.")] = False,
+    all_metrics: Annotated[bool, typer.Option("--all-metrics", help="Every metric, not only each task's headline.")] = False,
+):
+    """Print the results of a sweep as a table or CSV."""
+    from .eval.store import open_existing, rows_to_csv
+
+    store = open_existing(db)
+    rows = store.rows(main_only=not all_metrics)
+    if csv_out:
+        sys.stdout.write(rows_to_csv(rows))
+        return
+    table = Table(title=f"{db} ({len(rows)} rows)")
+    for col in ("kind", "experts", "rank", "k", "task", "metric", "value", "parameters"):
+        table.add_column(col, justify="right" if col in ("k", "value", "parameters") else "left")
+    for r in rows:
+        experts = ",".join(json.loads(r["experts"]))
+        table.add_row(r["kind"], experts, r["rank_label"], str(r["k"]), r["task"], r["metric"], f"{r['value']:.4f}",
+                      f"{r['parameters']:,}")
+    Console().print(table)
+
+
+def with_eta(label: str, work):
+    """Run work(tick) where tick(done, total, message) drives a progress bar with ETA, unless --quiet."""
+    if _state["quiet"] or not console.is_terminal:
+        return work(lambda done, total, message: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[message]}"), console=console, transient=True) as progress:
+        task = progress.add_task(label, total=None, message="")
+
+        def tick(done: int, total: int, message: str) -> None:
+            progress.update(task, completed=done, total=total, message=message[-60:])
+
+        return work(tick)
+
+
 def print_extraction_report(report: dict, verbose: bool = False) -> None:
     """Per expert and matrix (or projection, pooled over layers): rank, retained energy, relative error."""
     table = Table(title="PHLoRA extraction",
