@@ -244,6 +244,7 @@ def test_cli_bad_input(world, tmp_path, flexmore):
         ]
         for args, fragment in cases:
             assert_one_error_line(flexmore(*args), fragment)
+        assert not (tmp_path / "none.sqlite").exists() and not os.path.exists("results.sqlite")
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -196,13 +196,13 @@ def run_sweep(
     """Evaluate every planned (mixture, task) not yet in `db`; see module docstring."""
     started = time.perf_counter()
     refs = resolve_tasks(list(tasks))
-    store = ResultStore(db)
     builder = MixtureBuilder(source, None)
     names = builder.expert_names()
     rank_list = parse_rank_list(ranks)
     k_list = parse_ks(ks, len(names))
     spec_ranks = load_specs(list(specs), names)
     plan = plan_mixtures(builder, rank_list, k_list, spec_ranks, include)
+    store = ResultStore(db)  # only once every argument has been checked: a bad call creates no file
     finished = store.finished()
     todo = [(m, experts, [r for r in refs if (m.id, r.name) not in finished]) for m, experts in plan]
     todo = [t for t in todo if t[2]]
