@@ -75,7 +75,7 @@ def test_memory_rows(smoke):
             assert isinstance(r[key], int) and r[key] > 0, key
         assert r["baseline_rss_bytes"] <= r["svd_phase_peak_bytes"] <= r["peak_rss_bytes"]
         # ru_maxrss counts the extraction's own peak only (none inherited from the benchmark's process)
-        assert r["vmhwm_bytes"] <= r["peak_rss_bytes"] <= 1.05 * r["vmhwm_bytes"]
+        assert r["vmhwm_bytes"] <= r["peak_rss_bytes"] <= 1.5 * r["vmhwm_bytes"]  # inherited peaks were 6x
         assert r["output_bytes"] < r["checkpoint_bytes"]  # the low-rank experts are smaller than the dense ones
         assert r["expert_ranks"] == [0] + [env["dims"]["extract_rank"]] * (env["dims"]["experts"] - 1)
     shallow, deep = mem

@@ -30,7 +30,7 @@ def ray_local():
     os.environ["RAY_DEDUP_LOGS"] = "0"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's note on a default that will change
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -111,7 +111,8 @@ def test_worker_failure_is_one_error_naming_the_mixture(world, ray_local, tmp_pa
 
 
 def test_address_forms_and_missing_ray(monkeypatch):
-    assert parse_address("local") == {} and parse_address("local:3") == {"num_cpus": 3}
+    assert parse_address("local") == {"address": "local"}
+    assert parse_address("local:3") == {"address": "local", "num_cpus": 3}
     assert parse_address("auto") == {"address": "auto", "runtime_env": {"py_executable": sys.executable}}
     assert parse_address("ray://head:10001") == {"address": "ray://head:10001"}
     for bad in ("local:0", "local:x", " "):

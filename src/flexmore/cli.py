@@ -375,6 +375,86 @@ def with_eta(label: str, work):
         return work(tick)
 
 
+@app.command()
+def select(
+    results_path: Annotated[Path, typer.Argument(metavar="RESULTS", help=(
+        "Results: a sweep's SQLite database, or a long-format CSV/JSONL (see flexmore.analysis.data).")),],
+    out: Annotated[Path, typer.Argument(help="Rank-spec JSON to write (for extract/assemble --ranks, sweep --spec).")],
+    by: Annotated[str, typer.Option(help=(
+        "Criterion over the 2-expert (pair) results: 'All' (mean of group means) or one group, e.g. MC9.")),] = "All",
+    budget: Annotated[Optional[str], typer.Option(help=(
+        "Total parameters of the whole mixture, e.g. 10.75B: one rank per expert maximising the summed "
+        "criterion within it (exact). Needs --config.")),] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help=(
+        "Architecture for parameter counts: a preset (flexolmo-7x7b, flexolmo-2x7b), config.json or checkpoint.")),] = None,
+    names: Annotated[Optional[str], typer.Option(help="Comma-separated expert names for --config, public first.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Choose one rank per expert from the pair results: best per expert (ties: lowest rank), or within a budget."""
+    from .analysis.selection import select_ranks
+
+    selection = select_ranks(results_path, out, by=by, budget=budget, config=config,
+                             names=names.split(",") if names else None, overwrite=overwrite)
+    table = Table(title=f"{selection.name} ({'budget, ' if selection.budget is not None else ''}"
+                        f"criterion {selection.criterion})")
+    for col in ("expert", "rank", selection.criterion) + (("parameters",) if selection.parameters is not None else ()):
+        table.add_column(col, justify="left" if col == "expert" else "right")
+    for expert, rank in selection.ranks.items():
+        row = [expert, "full" if rank == 0 else str(rank), f"{selection.values[expert]:.4f}"]
+        if selection.expert_parameters is not None:
+            row.append(f"{selection.expert_parameters[expert]:,}")
+        table.add_row(*row)
+    stdout = Console()
+    stdout.print(table)
+    if selection.parameters is not None:
+        limit = f" (budget {selection.budget:,})" if selection.budget is not None else ""
+        stdout.print(f"mixture parameters: {selection.parameters:,} ({human(selection.parameters)}){limit}")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def params(
+    source: Annotated[str, typer.Argument(help=(
+        "A preset (flexolmo-7x7b, flexolmo-2x7b), a config.json, or a checkpoint directory.")),],
+    ranks: Annotated[Optional[str], typer.Option(help=(
+        "Domain experts' ranks: 'math=64,code=full', one value for all ('256'), or a rank-spec JSON file.")),] = None,
+    names: Annotated[Optional[str], typer.Option(help=(
+        "Comma-separated expert names, public first (default for flexolmo-7x7b: "
+        "public,code,creative,math,news,pes2o,reddit).")),] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Active experts per token (default: the config's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Count parameters from the architecture: total, per expert, shared, router, active per token, bytes, saving.
+
+    Active per token: everything outside the experts, all router rows, and the FFN weights of the k routed
+    experts (the public FFN once for any public/low-rank expert, plus factors; a full domain expert its own
+    FFN); 'max' is the worst set of k experts, 'mean' the average over all sets of k (uniform routing).
+    """
+    from .analysis.params import DTYPES, describe_parameters
+
+    report = describe_parameters(source, ranks, names.split(",") if names else None, top_k)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{source} (H={report.hidden_size}, I={report.intermediate_size}, L={report.num_layers})")
+    for col in ("#", "expert", "rank", "parameters"):
+        table.add_column(col, justify="left" if col == "expert" else "right")
+    for x in report.experts:
+        table.add_row(str(x.index), x.name, "full" if x.rank == 0 else str(x.rank), f"{x.parameters:,}")
+    table.add_row("", "shared", "", f"{report.shared:,}")
+    table.add_row("", "router", "", f"{report.router:,}")
+    out = Console()
+    out.print(table)
+    out.print(f"total parameters: {report.total:,} ({human(report.total)})")
+    out.print(f"active per token at k={report.top_k}: max {report.active_max:,} ({human(report.active_max)}), "
+              f"mean under uniform routing {human(report.active_mean)}")
+    out.print("bytes: " + "; ".join(f"{d} {human_bytes(report.nbytes(d))}" for d in DTYPES))
+    out.print(f"all-full experts: {report.all_full_total:,} ({human(report.all_full_total)}); saving "
+              f"{report.all_full_total - report.total:,} parameters ({100 * report.saving:.1f}%)")
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+
+
 def print_extraction_report(report: dict, verbose: bool = False) -> None:
     """Per expert and matrix (or projection, pooled over layers): rank, retained energy, relative error."""
     table = Table(title="PHLoRA extraction",

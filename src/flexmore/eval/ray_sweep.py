@@ -40,7 +40,9 @@ def parse_address(address: str) -> dict:
         count = address.partition(":")[2]
         if count and not (count.isdigit() and int(count) > 0):
             raise FlexmoreError(f"--ray {address!r}: expected local:N with N a positive number of CPUs")
-        return {"num_cpus": int(count)} if count else {}  # workers inherit this process's interpreter
+        # address="local": a new instance even where `ray start` left one running; workers inherit
+        # this process's interpreter and environment
+        return {"address": "local", **({"num_cpus": int(count)} if count else {})}
     if not address:
         raise FlexmoreError("--ray: expected 'auto', 'local[:N]' or a cluster address")
     if address.startswith("ray://"):  # Ray Client: this machine's interpreter path means nothing there

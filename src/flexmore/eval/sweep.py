@@ -11,6 +11,7 @@ rank on disk); the shared weights are read once per sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -202,49 +203,49 @@ def run_sweep(
     k_list = parse_ks(ks, len(names))
     spec_ranks = load_specs(list(specs), names)
     plan = plan_mixtures(builder, rank_list, k_list, spec_ranks, include)
-    store = ResultStore(db)  # only once every argument has been checked: a bad call creates no file
-    finished = store.finished()
-    todo = [(m, experts, [r for r in refs if (m.id, r.name) not in finished]) for m, experts in plan]
-    todo = [t for t in todo if t[2]]
-    total = len(plan) * len(refs)
-    done = total - sum(len(t[2]) for t in todo)
+    # opened only once every argument has been checked: a bad call creates no file
+    with contextlib.closing(ResultStore(db)) as store:
+        finished = store.finished()
+        todo = [(m, experts, [r for r in refs if (m.id, r.name) not in finished]) for m, experts in plan]
+        todo = [t for t in todo if t[2]]
+        total = len(plan) * len(refs)
+        done = total - sum(len(t[2]) for t in todo)
 
-    needed = sorted({r for m, _, _ in todo for r in m.ranks if r != FULL})
-    if needed:
-        cache_dir = Path(cache_dir) if cache_dir else Path(f"{db}.svd-cache")
-        svd = settings or SvdSettings(rank=max(needed), device=device)
-        if (cache_dir / "cache.json").is_file():  # reuse its settings; a rank beyond what it keeps is an error
-            kept = SvdCache.open(cache_dir).meta["settings"]
-            if kept["rank"] < max(needed):
-                raise FlexmoreError(f"{cache_dir}: the SVD cache keeps {kept['rank']} singular vectors; "
-                                    f"the sweep needs {max(needed)}")
-            svd = SvdSettings(**kept, device=svd.device)
+        needed = sorted({r for m, _, _ in todo for r in m.ranks if r != FULL})
+        if needed:
+            cache_dir = Path(cache_dir) if cache_dir else Path(f"{db}.svd-cache")
+            svd = settings or SvdSettings(rank=max(needed), device=device)
+            if (cache_dir / "cache.json").is_file():  # reuse its settings; a rank beyond what it keeps is an error
+                kept = SvdCache.open(cache_dir).meta["settings"]
+                if kept["rank"] < max(needed):
+                    raise FlexmoreError(f"{cache_dir}: the SVD cache keeps {kept['rank']} singular vectors; "
+                                        f"the sweep needs {max(needed)}")
+                svd = SvdSettings(**kept, device=svd.device)
+            else:
+                svd = SvdSettings(**{**svd.__dict__, "rank": max(needed)})
+            experts = sorted({names.index(x) for m, _, _ in todo for x, r in zip(m.experts, m.ranks) if r != FULL})
+            # factorises only what the cache lacks (or what changed in the source)
+            builder.cache, _ = build_svd_cache(builder.reader, builder.config, cache_dir, svd, experts,
+                                               on_matrix=on_progress and (lambda m: on_progress(done, total, f"svd {m}")))
+
+        evaluated = 0
+        if ray_address is not None:
+            from .ray_sweep import run_on_ray
+
+            evaluated = run_on_ray(ray_address, str(source), str(builder.cache.path) if builder.cache else None, todo,
+                                   store, limit, batch_size, device, done, total, on_progress)
         else:
-            svd = SvdSettings(**{**svd.__dict__, "rank": max(needed)})
-        experts = sorted({names.index(x) for m, _, _ in todo for x, r in zip(m.experts, m.ranks) if r != FULL})
-        # factorises only what the cache lacks (or what changed in the source)
-        builder.cache, _ = build_svd_cache(builder.reader, builder.config, cache_dir, svd, experts,
-                                           on_matrix=on_progress and (lambda m: on_progress(done, total, f"svd {m}")))
-
-    evaluated = 0
-    if ray_address is not None:
-        from .ray_sweep import run_on_ray
-
-        evaluated = run_on_ray(ray_address, str(source), str(builder.cache.path) if builder.cache else None, todo,
-                               store, limit, batch_size, device, done, total, on_progress)
-    else:
-        tokenizer = load_tokenizer(builder.reader.path)
-        for mixture, experts, pending in todo:
-            model = builder.build(experts, list(mixture.ranks), mixture.k).to(device)
-            for result in evaluate_each(model, tokenizer, pending, limit, batch_size, device):
-                store.record(mixture, result.task, result.group, result.metrics, result.main_metric, result.n)
-                done += 1
-                evaluated += 1
-                on_progress and on_progress(done, total, f"{mixture.id} / {result.task}")
-            del model
-    on_progress and on_progress(done, total, "done")
-    store.close()
-    return SweepSummary(len(plan), len(refs), evaluated, total - evaluated, time.perf_counter() - started)
+            tokenizer = load_tokenizer(builder.reader.path)
+            for mixture, experts, pending in todo:
+                model = builder.build(experts, list(mixture.ranks), mixture.k).to(device)
+                for result in evaluate_each(model, tokenizer, pending, limit, batch_size, device):
+                    store.record(mixture, result.task, result.group, result.metrics, result.main_metric, result.n)
+                    done += 1
+                    evaluated += 1
+                    on_progress and on_progress(done, total, f"{mixture.id} / {result.task}")
+                del model
+        on_progress and on_progress(done, total, "done")
+        return SweepSummary(len(plan), len(refs), evaluated, total - evaluated, time.perf_counter() - started)
 
 
 def evaluate_each(model, tokenizer, refs: list[TaskRef], limit, batch_size, device):
