@@ -455,6 +455,36 @@ def params(
         out.print(f"note: {note}", highlight=False)
 
 
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="Sweep database, or long-format results (.csv / .jsonl).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for report.md, report.json and figures.")],
+    kinds: Annotated[Optional[str], typer.Option(help=(
+        "Group kinds for the regression contrast, e.g. 'facts=knowledge,arith=reasoning' "
+        "(default: the paper's groups' kinds).")),] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap draws for the optimum's interval.")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Write the study's report: headline table, Fig. 2-4 style figures, peak ranks, regression, selections."""
+    from .analysis.report import write_report
+
+    mapping = parse_kinds(kinds) if kinds else None
+    path = write_report(results, out, kinds=mapping, bootstrap=bootstrap, overwrite=overwrite)
+    console.print(f"wrote {path / 'report.md'}")
+
+
+def parse_kinds(text: str) -> dict[str, str]:
+    mapping = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise FlexmoreError(f"--kinds: {item.strip()!r} is not of the form group=knowledge|reasoning")
+        group, kind = (x.strip() for x in item.split("=", 1))
+        if kind not in ("knowledge", "reasoning"):
+            raise FlexmoreError(f"--kinds: {group}: kind {kind!r} must be knowledge or reasoning")
+        mapping[group] = kind
+    return mapping
+
+
 def print_extraction_report(report: dict, verbose: bool = False) -> None:
     """Per expert and matrix (or projection, pooled over layers): rank, retained energy, relative error."""
     table = Table(title="PHLoRA extraction",

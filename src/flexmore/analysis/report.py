@@ -1,0 +1,183 @@
+"""`flexmore report`: the study's results as report.md + figures + report.json, a miniature of the paper.
+
+Every section is computed from the results table alone; a section whose rows are missing (no
+heterogeneous selections yet, too few ranks for a regression) says so instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from .. import __version__
+from ..checkpoint import atomic_dir
+from ..errors import FlexmoreError
+from .data import LOWER_IS_BETTER, average_over_groups, load_results
+
+
+def _fmt_params(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)) or n is pd.NA:
+        return "-"
+    n = int(n)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline_rows(df: pd.DataFrame) -> list[dict]:
+    """Public alone, all-full experts, best homogeneous rank, and each heterogeneous selection, per k."""
+    scored = average_over_groups(df[df["kind"] != "pair"], ["kind", "rank_label", "k"])
+    params = df[df["kind"] != "pair"].groupby(["kind", "rank_label", "k"])["parameters"].first()
+    rows = []
+
+    def add(label, r):
+        rows.append({"mixture": label, "k": int(r["k"]), "score": float(r["score"]), "utility": float(r["utility"]),
+                     "parameters": params.get((r["kind"], r["rank_label"], r["k"]))})
+
+    for _, r in scored[scored["kind"] == "public"].iterrows():
+        add("public model alone", r)
+    homogeneous = scored[scored["kind"] == "homogeneous"]
+    for k, group in homogeneous.groupby("k"):
+        full = group[group["rank_label"] == "full"]
+        for _, r in full.iterrows():
+            add("all experts full-size (FlexOlmo)", r)
+        low = group[group["rank_label"] != "full"]
+        if len(low):
+            best = low.loc[low["utility"].idxmax()]
+            add(f"best homogeneous rank ({best['rank_label']})", best)
+    for _, r in scored[scored["kind"] == "heterogeneous"].sort_values(["rank_label", "k"]).iterrows():
+        add(f"heterogeneous: {r['rank_label']}", r)
+    return rows
+
+
+def _section(title: str, body: Callable[[], str]) -> str:
+    try:
+        return f"## {title}\n\n{body()}\n"
+    except FlexmoreError as exc:
+        return f"## {title}\n\nNot available: {exc}\n"
+
+
+def write_report(results: str | Path, out: str | Path, kinds: dict[str, str] | None = None, bootstrap: int = 200,
+                 overwrite: bool = False) -> Path:
+    """report.md, report.json and PNG figures in OUT (written to a temporary sibling, renamed at the end)."""
+    from . import peaks as peaks_mod
+    from . import plots, regression, selection
+
+    df = load_results(results)
+    lower = sorted({m for m in df["metric"].unique() if m in LOWER_IS_BETTER})
+    data: dict = {"flexmore_version": __version__, "source": str(results), "rows": len(df)}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        sections = []
+
+        def headline() -> str:
+            rows = headline_rows(df)
+            if not rows:
+                raise FlexmoreError("no N-expert or public results")
+            data["headline"] = rows
+            best = max(rows, key=lambda r: r["utility"])
+            full = [r for r in rows if r["mixture"].startswith("all experts full")]
+            text = _table(["mixture", "k", "score (mean of group means)", "parameters"],
+                          [[r["mixture"], r["k"], f"{r['score']:.4f}", _fmt_params(r["parameters"])] for r in rows])
+            text += f"\n\nBest: **{best['mixture']}** at k={best['k']} ({best['score']:.4f})."
+            for f in full:
+                rivals = [r for r in rows if r["k"] == f["k"] and r is not f and r["mixture"] != "public model alone"]
+                for r in rivals:
+                    verdict = "beats" if r["utility"] > f["utility"] else "loses to"
+                    text += (f"\n- k={f['k']}: {r['mixture']} {verdict} the all-full mixture "
+                             f"({r['score']:.4f} vs {f['score']:.4f}) with {_fmt_params(r['parameters'])} "
+                             f"vs {_fmt_params(f['parameters'])} parameters.")
+            return text
+
+        sections.append(_section("Headline", headline))
+
+        def figure(name: str, make) -> str:
+            make(tmp / name)
+            return f"![{name}]({name})"
+
+        sections.append(_section("Average score vs homogeneous rank (Fig. 2)",
+                                 lambda: figure("fig2_average_vs_rank.png", lambda p: plots.plot_average_vs_rank(df, p))))
+
+        def peaks_section() -> str:
+            analysis = peaks_mod.analyze_peaks(df)
+            data["peaks"] = analysis.to_dict()
+            stats = analysis.statistics
+            text = "Peak log2 rank per group across experts (ties go to the lowest rank; full counts as one step " \
+                   f"above the largest rank, log2 = {analysis.full_log2:g}):\n\n"
+            text += _table(["group", "experts", "median", "IQR"],
+                           [[r["group"], r["n_experts"], f"{r['median']:.2f}", f"[{r['q1']:.2f}, {r['q3']:.2f}]"]
+                            for _, r in stats.iterrows()])
+            text += "\n\n" + _table(["expert", "group", "peak rank"],
+                                    [[r["expert"], r["group"], r["peak_label"]] for _, r in analysis.peaks.iterrows()])
+            return text + "\n\n" + figure("fig3_peak_ranks.png", lambda p: plots.plot_peak_ranks(analysis.peaks, p))
+
+        sections.append(_section("Peak ranks (Fig. 3)", peaks_section))
+        sections.append(_section("Score vs rank per group and expert (Fig. 4)",
+                                 lambda: figure("fig4_group_vs_rank.png", lambda p: plots.plot_group_vs_rank(df, p))))
+        sections.append(_section("Expert x rank", lambda: figure("heatmap.png", lambda p: plots.plot_heatmap(df, p))))
+        sections.append(_section("Score vs parameters", lambda: figure("frontier.png", lambda p: plots.plot_frontier(df, p))))
+
+        def regression_section() -> str:
+            fit = regression.rank_regression(df, kinds=kinds, bootstrap=bootstrap)
+            data["regression"] = fit.to_dict()
+            rows = []
+            for g in fit.groups:
+                interval = (f"[{2 ** g.bootstrap.low:.0f}, {2 ** g.bootstrap.high:.0f}]"
+                            if g.bootstrap and g.bootstrap.low is not None else "-")
+                rows.append([g.group, g.n, f"{g.linear.estimate:+.4f} [{g.linear.low:+.4f}, {g.linear.high:+.4f}]",
+                             f"{g.quadratic.estimate:+.4f} [{g.quadratic.low:+.4f}, {g.quadratic.high:+.4f}]",
+                             f"{g.r_squared:.3f}", f"{g.vertex_rank:.0f}" if g.vertex_rank else "none", interval])
+            text = ("Per group: utility ~ log2(rank) + log2(rank)^2 + expert fixed effects (finite ranks; 95% CIs; "
+                    "optimum rank with a bootstrap interval).\n\n")
+            text += _table(["group", "n", "log2 rank", "log2 rank^2", "R^2", "optimum rank", "bootstrap 95%"], rows)
+            if fit.contrast is not None:
+                c = fit.contrast
+                text += (f"\n\nReasoning vs knowledge groups (L:reasoning = {c.linear_reasoning.estimate:+.4f}, "
+                         f"p = {c.linear_reasoning.p_value:.3g}): {c.verdict}")
+            for note in fit.notes:
+                text += f"\n\nNote: {note}"
+            return text
+
+        sections.append(_section("Rank regression", regression_section))
+
+        def selection_section() -> str:
+            pairs = df[df["kind"] == "pair"]
+            if pairs.empty:
+                raise FlexmoreError("no 2-expert results")
+            criteria = ["All"] + sorted(pairs["group"].unique())
+            picks = {c: selection.select_best(df, by=c) for c in criteria}
+            data["selection"] = {c: s.to_dict() for c, s in picks.items()}
+            experts = list(next(iter(picks.values())).ranks)
+            rows = [[c] + [selection.rank_label(s.ranks[e]) for e in experts] for c, s in picks.items()]
+            return ("Best rank per expert by the mean over all groups (All) and by each group; "
+                    "`flexmore select` writes these as rank-spec files.\n\n" + _table(["criterion"] + experts, rows))
+
+        sections.append(_section("Rank selection", selection_section))
+
+        groups = df.groupby("group")["metric"].first()
+        intro = (f"# FlexMoRE study report\n\nResults: `{results}` ({len(df)} task results; groups: "
+                 + ", ".join(f"{g} ({m})" for g, m in groups.items()) + f"). Made by flexmore {__version__}.\n")
+        if lower:
+            intro += (f"\nScores are the raw metrics; {', '.join(lower)} is lower-is-better, so rankings, peaks and "
+                      "regressions use its negation (\"utility\").\n")
+        (tmp / "report.md").write_text(intro + "\n" + "\n".join(sections))
+        (tmp / "report.json").write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    return Path(out)
+
+
+def _json_default(value):
+    if value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
