@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,ray,analysis]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,ray,analysis,federated,world]"
 	touch $@
 
 test: setup

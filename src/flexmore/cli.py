@@ -485,6 +485,171 @@ def parse_kinds(text: str) -> dict[str, str]:
     return mapping
 
 
+_DATA_HELP = ("Documents: .jsonl files (objects with a string 'text' field), .txt files (documents separated by "
+              "blank lines), or directories of them.")
+
+
+@app.command()
+def embed(
+    public: Annotated[str, typer.Argument(help="Public model checkpoint (FlexOlmo or FlexMoRE; expert 0 is the public FFN).")],
+    data: Annotated[list[str], typer.Argument(metavar="DATA", help=_DATA_HELP)],
+    out: Annotated[Path, typer.Option("--out", help=(
+        "Router-row file to write: ROW.safetensors holding {'router_row': [H]}, plus a ROW.json sidecar.")),],
+    max_docs: Annotated[int, typer.Option(help="Embed at most this many documents (a seeded sample when there are more).")] = 1000,
+    embedder: Annotated[Optional[str], typer.Option(help=(
+        "External embedding model (HF AutoModel directory or id) with the public model's hidden size; default: the "
+        "public model's own mean-pooled final hidden states.")),] = None,
+    batch_size: Annotated[int, typer.Option(help="Documents per forward pass.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens embedded of each document (the rest is cut).")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Compute a domain's router row: the mean embedding of its documents (for train-expert --router-init)."""
+    from .training.data import load_texts
+    from .training.embed import check_router_row_out, domain_embedding, write_router_row
+
+    check_router_row_out(out, overwrite)
+    texts = load_texts(data)
+    row = domain_embedding(public, texts, max_docs=max_docs, batch_size=batch_size, seq_len=seq_len, embedder=embedder)
+    documents = min(len(texts), max_docs)
+    write_router_row(out, row, {
+        "operation": "embed", "public": public, "data": data, "documents": documents, "max_docs": max_docs,
+        "seq_len": seq_len, "embedder": embedder or "public model (mean-pooled final hidden states)",
+    }, overwrite=overwrite)
+    console.print(f"wrote {out} (router row of size {row.numel()}, mean of {documents} documents; norm {row.norm():.4f})")
+
+
+def _train_option(name: str, *flags: str):
+    """A train-expert option whose help text is the TrainConfig field's own."""
+    from .training.expert import config_help
+
+    return typer.Option(*flags, help=config_help(name))
+
+
+def _train_default(name: str):
+    from .training.expert import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+@app.command(name="train-expert")
+def train_expert_command(
+    public: Annotated[str, typer.Argument(help="Public model checkpoint (FlexOlmo or FlexMoRE; expert 0 is the public FFN).")],
+    data: Annotated[list[str], typer.Argument(metavar="DATA", help=_DATA_HELP)],
+    out: Annotated[Path, typer.Option("--out", help=(
+        "Output 2-expert checkpoint (public, NAME): FlexOlmo for --rank 0, FlexMoRE otherwise. Resumable "
+        "checkpoints go to OUT.train/ and are removed at the end.")),],
+    steps: Annotated[int, _train_option("steps")] = _train_default("steps"),
+    batch_size: Annotated[int, _train_option("batch_size")] = _train_default("batch_size"),
+    seq_len: Annotated[int, _train_option("seq_len")] = _train_default("seq_len"),
+    lr: Annotated[float, _train_option("lr")] = _train_default("lr"),
+    weight_decay: Annotated[float, _train_option("weight_decay")] = _train_default("weight_decay"),
+    warmup_steps: Annotated[int, _train_option("warmup_steps")] = _train_default("warmup_steps"),
+    seed: Annotated[int, _train_option("seed")] = _train_default("seed"),
+    rank: Annotated[int, _train_option("rank")] = _train_default("rank"),
+    negative_bias: Annotated[bool, _train_option("negative_bias")] = _train_default("negative_bias"),
+    checkpoint_every: Annotated[int, _train_option("checkpoint_every")] = _train_default("checkpoint_every"),
+    router_init: Annotated[Optional[str], _train_option("router_init")] = _train_default("router_init"),
+    name: Annotated[Optional[str], _train_option("expert_name", "--name")] = _train_default("expert_name"),
+    max_docs_embed: Annotated[int, _train_option("max_docs_embed")] = _train_default("max_docs_embed"),
+    device: Annotated[str, _train_option("device")] = _train_default("device"),
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT.train/ (same settings and data).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT (and any checkpoints in OUT.train/) if they exist.")] = False,
+):
+    """Train one domain expert on your own documents (FlexOlmo recipe): everything but expert 1 and its router row frozen."""
+    from .training.expert import TrainConfig, train_expert
+
+    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, seed=seed, rank=rank, negative_bias=negative_bias,
+                         checkpoint_every=checkpoint_every, router_init=router_init, expert_name=name,
+                         max_docs_embed=max_docs_embed, device=device)
+    last: dict = {}
+
+    def work(tick):
+        def on_step(step: int, loss: float, tokens_per_s: float) -> None:
+            last.update(step=step, loss=loss)
+            tick(step, steps, f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s")
+
+        return train_expert(public, data, out, config, resume=resume, on_step=on_step, overwrite=overwrite)
+
+    path = with_eta("training", work)
+    kind = "flexolmo" if rank == 0 else "flexmore"
+    expert = name or path.resolve().name
+    loss = f", final loss {last['loss']:.4f}" if last else ""
+    console.print(f"wrote {path} ({kind}; experts public:full, {expert}:{'full' if rank == 0 else rank}; "
+                  f"{steps} steps{loss})")
+
+
+@app.command()
+def federate(
+    public: Annotated[str, typer.Argument(help="The public model (a 1-expert checkpoint) every owner trains from.")],
+    out: Annotated[Path, typer.Argument(help="Output mixture; OUT.federation.json (bytes per owner) goes next to it.")],
+    owner: Annotated[list[str], typer.Option("--owner", help=(
+        "An owner as NAME=DATA_PATH (repeatable, in expert order; DATA_PATH may list files with commas). With "
+        "--superlink only NAME: each owner's node config says where their data is."))],
+    simulation: Annotated[bool, typer.Option("--simulation/--deployment", help=(
+        "Simulation: Flower's simulation engine in this process. Deployment: a real SuperLink and one SuperNode "
+        "per owner on 127.0.0.1 (or, with --superlink, the owners' own machines)."))] = True,
+    superlink: Annotated[Optional[str], typer.Option(help=(
+        "HOST:PORT of a running SuperLink the owners' SuperNodes are connected to (implies --deployment).")
+    )] = None,
+    compress: Annotated[str, typer.Option(help=(
+        "Upload of a full expert: full, rank:R (PHLoRA factors of W1 - W0) or energy:F (smallest rank keeping F).")
+    )] = "full",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of every owner.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Learning-rate warmup steps.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay of the expert.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="0: train full experts; R: train rank-R experts.")] = None,
+    negative_bias: Annotated[Optional[bool], typer.Option(
+        "--negative-bias/--no-negative-bias", help="FlexOlmo's negative router bias during training.")] = None,
+    allow_missing: Annotated[bool, typer.Option(help=(
+        "Assemble the owners that were accepted and report the others, instead of writing nothing."))] = False,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Active experts per token (default 2).")] = None,
+    node_timeout: Annotated[float, typer.Option(help="Seconds to wait for every owner's node.")] = 120.0,
+    device: Annotated[Optional[str], typer.Option(help=(
+        "Where owners train in a simulation or loopback deployment (cpu, cuda).") )] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="Simulation: CPUs for the owners (default: one each).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Collect domain experts from data owners with Flower (each trains locally, uploads once) and merge them."""
+    from .federated.run import run_federation_deployment, run_federation_simulation
+
+    owners = []
+    for item in owner:
+        name, sep, data = item.partition("=")
+        if not name.strip() or (sep and not data.strip()) or (not sep and superlink is None):
+            raise FlexmoreError(f"--owner {item!r}: expected NAME=DATA_PATH" + ("" if superlink else
+                                " (NAME alone only with --superlink)"))
+        owners.append((name.strip(), data.strip() or None))
+    options = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "warmup_steps": warmup_steps,
+               "weight_decay": weight_decay, "seed": seed, "rank": rank, "negative_bias": negative_bias}
+    train = {key: value for key, value in options.items() if value is not None}
+    common = dict(compression=compress, train=train, allow_missing=allow_missing, top_k=top_k, overwrite=overwrite,
+                  node_timeout=node_timeout, device=device)
+    if simulation and superlink is None:
+        result = run_federation_simulation(public, owners, out, num_cpus=num_cpus, **common)
+    else:
+        result = run_federation_deployment(public, owners, out, superlink=superlink, **common)
+    summary = result.summary
+    table = Table(title=f"federation -> {summary['out']}")
+    for col in ("owner", "status", "rank", "uploaded", "of full"):
+        table.add_column(col, justify="left" if col in ("owner", "status") else "right")
+    for name, x in summary["owners"].items():
+        table.add_row(name, x["status"], "full" if x["rank"] == 0 else str(x["rank"]), human_bytes(x["bytes"]),
+                      f"{100 * x['fraction_of_full']:.1f}%")
+    for who, reason in summary["rejected"].items():
+        table.add_row(who, "rejected", "", "", "")
+    for name in summary["missing"]:
+        table.add_row(name, "missing", "", "", "")
+    Console().print(table)
+    for reason in summary["rejected"].values():
+        console.print(f"rejected: {reason}", highlight=False)
+    console.print(f"wrote {result.out} (experts {', '.join(summary['expert_names'])}) and {result.summary_file}")
+
+
 def print_extraction_report(report: dict, verbose: bool = False) -> None:
     """Per expert and matrix (or projection, pooled over layers): rank, retained energy, relative error."""
     table = Table(title="PHLoRA extraction",
@@ -532,7 +697,9 @@ def main() -> None:
     except FlexmoreError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
