@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo-out
+PRESET ?= full
 
 .PHONY: test demo setup clean
 
@@ -21,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/flexmore demo --out $(DEMO_OUT)
+	$(VENV)/bin/flexmore demo --out $(DEMO_OUT) --preset $(PRESET)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -357,7 +357,7 @@ def test_cli_embed_then_train_expert(world: World, flexmore, tmp_path: Path) -> 
     assert torch.equal(load_router_row(row, 32), expected)
 
     out = tmp_path / "owner"
-    result = flexmore("--quiet", "train-expert", world.public_dir, world.math_file, "--out", out, "--steps", 4,
+    result = flexmore("--quiet", "train-expert", world.public_dir, world.math_file, out, "--steps", 4,
                       "--batch-size", 4, "--seq-len", SEQ, "--warmup-steps", 1, "--rank", 2, "--router-init", row,
                       "--name", "arith", "--checkpoint-every", 2)
     assert result.code == 0, result.err
@@ -436,7 +436,8 @@ BAD_INPUTS = ["missing-path", "empty-file", "not-utf8", "bad-jsonl-line", "too-l
 def test_bad_input_gives_one_line(world: World, flexmore, tmp_path: Path, case: str) -> None:  # noqa: F811
     args, mentions = bad_input(case, world, tmp_path)
     out = tmp_path / ("out.safetensors" if args[0] == "embed" else "out")
-    result = flexmore(*args, "--out", out, *(["--seq-len", SEQ] if args[0] == "train-expert" else []))
+    trailing = [out, "--seq-len", SEQ] if args[0] == "train-expert" else ["--out", out]
+    result = flexmore(*args, *trailing)
     assert_one_error_line(result, *mentions)
     assert not out.exists() and not leftovers(out) and not train_dir(out).exists()
 
@@ -445,6 +446,6 @@ def test_existing_output_is_refused_before_training(world: World, flexmore, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = flexmore("train-expert", world.public_dir, world.math_file, "--out", out, "--seq-len", SEQ)
+    result = flexmore("train-expert", world.public_dir, world.math_file, out, "--seq-len", SEQ)
     assert_one_error_line(result, str(out), "already exists")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

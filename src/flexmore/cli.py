@@ -161,13 +161,15 @@ def merge(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output directory (a rerun into it resumes finished steps).")] = Path("demo-out"),
+    preset: Annotated[str, typer.Option(help="quick (a few minutes on 2 CPU cores) or full (under 30 minutes).")] = "full",
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same world, same results.")] = 0,
 ):
-    """Run the smallest end-to-end path: build a tiny model, convert, save, reload, generate."""
-    from .demo import run_demo
+    """The whole FlexMoRE study offline on a tiny world: corpora, tokenizer, public model, owners' experts
+    over Flower, merge, SVD cache, sweep, analysis, selections, final model and report."""
+    from .world.pipeline import run_demo
 
-    run_demo(out, seed=seed, log=None if _state["quiet"] else console.print)
+    run_demo(out, preset=preset, seed=seed, log=None if _state["quiet"] else console.print)
 
 
 class Method(str, Enum):
@@ -534,10 +536,10 @@ def _train_default(name: str):
 @app.command(name="train-expert")
 def train_expert_command(
     public: Annotated[str, typer.Argument(help="Public model checkpoint (FlexOlmo or FlexMoRE; expert 0 is the public FFN).")],
-    data: Annotated[list[str], typer.Argument(metavar="DATA", help=_DATA_HELP)],
-    out: Annotated[Path, typer.Option("--out", help=(
+    data: Annotated[list[str], typer.Argument(metavar="DATA...", help=_DATA_HELP)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help=(
         "Output 2-expert checkpoint (public, NAME): FlexOlmo for --rank 0, FlexMoRE otherwise. Resumable "
-        "checkpoints go to OUT.train/ and are removed at the end.")),],
+        "checkpoints go to OUT.train/ and are removed at the end."))],
     steps: Annotated[int, _train_option("steps")] = _train_default("steps"),
     batch_size: Annotated[int, _train_option("batch_size")] = _train_default("batch_size"),
     seq_len: Annotated[int, _train_option("seq_len")] = _train_default("seq_len"),

@@ -36,27 +36,40 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def headline_rows(df: pd.DataFrame) -> list[dict]:
-    """Public alone, all-full experts, best homogeneous rank, and each heterogeneous selection, per k."""
-    scored = average_over_groups(df[df["kind"] != "pair"], ["kind", "rank_label", "k"])
-    params = df[df["kind"] != "pair"].groupby(["kind", "rank_label", "k"])["parameters"].first()
+    """Public alone, all-full experts, best homogeneous rank, and each heterogeneous selection, per k.
+
+    Scores are means of group means, kept apart by direction: `score` over higher-is-better groups
+    (accuracies) and `lower` over lower-is-better ones (bpb), never averaged together; `utility` (what
+    decides "best") is the accuracy mean when there is one, else the negated bpb mean.
+    """
+    rows_df = df[df["kind"] != "pair"]
+    lower_mask = rows_df["metric"].isin(LOWER_IS_BETTER)
+    keys = ["kind", "rank_label", "k"]
+    higher = average_over_groups(rows_df[~lower_mask], keys) if (~lower_mask).any() else None
+    lower = average_over_groups(rows_df[lower_mask], keys) if lower_mask.any() else None
+    base = higher if higher is not None else lower
+    params = rows_df.groupby(keys)["parameters"].first()
+    lookup = lower.set_index(keys)["score"] if lower is not None else None
     rows = []
 
     def add(label, r):
-        rows.append({"mixture": label, "k": int(r["k"]), "score": float(r["score"]), "utility": float(r["utility"]),
-                     "parameters": params.get((r["kind"], r["rank_label"], r["k"]))})
+        key = (r["kind"], r["rank_label"], r["k"])
+        bits = float(lookup.get(key)) if lookup is not None and key in lookup.index else None
+        score = float(r["score"]) if higher is not None else None
+        rows.append({"mixture": label, "k": int(r["k"]), "score": score, "lower": bits,
+                     "utility": score if score is not None else -bits, "parameters": params.get(key)})
 
-    for _, r in scored[scored["kind"] == "public"].iterrows():
+    for _, r in base[base["kind"] == "public"].iterrows():
         add("public model alone", r)
-    homogeneous = scored[scored["kind"] == "homogeneous"]
+    homogeneous = base[base["kind"] == "homogeneous"]
     for k, group in homogeneous.groupby("k"):
-        full = group[group["rank_label"] == "full"]
-        for _, r in full.iterrows():
+        for _, r in group[group["rank_label"] == "full"].iterrows():
             add("all experts full-size (FlexOlmo)", r)
         low = group[group["rank_label"] != "full"]
         if len(low):
             best = low.loc[low["utility"].idxmax()]
             add(f"best homogeneous rank ({best['rank_label']})", best)
-    for _, r in scored[scored["kind"] == "heterogeneous"].sort_values(["rank_label", "k"]).iterrows():
+    for _, r in base[base["kind"] == "heterogeneous"].sort_values(["rank_label", "k"]).iterrows():
         add(f"heterogeneous: {r['rank_label']}", r)
     return rows
 
@@ -87,15 +100,23 @@ def write_report(results: str | Path, out: str | Path, kinds: dict[str, str] | N
             data["headline"] = rows
             best = max(rows, key=lambda r: r["utility"])
             full = [r for r in rows if r["mixture"].startswith("all experts full")]
-            text = _table(["mixture", "k", "score (mean of group means)", "parameters"],
-                          [[r["mixture"], r["k"], f"{r['score']:.4f}", _fmt_params(r["parameters"])] for r in rows])
-            text += f"\n\nBest: **{best['mixture']}** at k={best['k']} ({best['score']:.4f})."
+            has_acc, has_bits = rows[0]["score"] is not None, rows[0]["lower"] is not None
+            header = ["mixture", "k"] + (["accuracy (mean of group means)"] if has_acc else []) + \
+                (["bits per byte (mean, lower is better)"] if has_bits else []) + ["parameters"]
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            text = _table(header, [[r["mixture"], r["k"]] + ([fmt(r["score"])] if has_acc else [])
+                                   + ([fmt(r["lower"])] if has_bits else []) + [_fmt_params(r["parameters"])]
+                                   for r in rows])
+            measure = "accuracy" if has_acc else "bits per byte"
+            value = (lambda r: r["score"]) if has_acc else (lambda r: r["lower"])
+            text += f"\n\nBest by {measure}: **{best['mixture']}** at k={best['k']} ({fmt(value(best))})."
             for f in full:
                 rivals = [r for r in rows if r["k"] == f["k"] and r is not f and r["mixture"] != "public model alone"]
                 for r in rivals:
-                    verdict = "beats" if r["utility"] > f["utility"] else "loses to"
-                    text += (f"\n- k={f['k']}: {r['mixture']} {verdict} the all-full mixture "
-                             f"({r['score']:.4f} vs {f['score']:.4f}) with {_fmt_params(r['parameters'])} "
+                    gap = r["utility"] - f["utility"]
+                    verdict = "ties with" if abs(gap) < 1e-9 else "beats" if gap > 0 else "loses to"
+                    text += (f"\n- k={f['k']}: {r['mixture']} {verdict} the all-full mixture on {measure} "
+                             f"({fmt(value(r))} vs {fmt(value(f))}) with {_fmt_params(r['parameters'])} "
                              f"vs {_fmt_params(f['parameters'])} parameters.")
             return text
 
