@@ -169,7 +169,10 @@ def demo(
     over Flower, merge, SVD cache, sweep, analysis, selections, final model and report."""
     from .world.pipeline import run_demo
 
-    run_demo(out, preset=preset, seed=seed, log=None if _state["quiet"] else console.print)
+    def log(message: str) -> None:  # step names are in square brackets: not rich markup
+        console.print(message, markup=False, highlight=False)
+
+    run_demo(out, preset=preset, seed=seed, log=None if _state["quiet"] else log)
 
 
 class Method(str, Enum):

@@ -60,7 +60,9 @@ from ..convert import _EXPERT_KEY, _ROUTER_KEY, expected_shapes, expert_key, fle
 from ..errors import FlexmoreError
 from ..experts import PROJECTIONS
 
-log = logging.getLogger("flexmore.federated")
+# A child of Flower's logger: owners and the coordinator see flexmore's lines in Flower's own log stream
+# (in a simulation, Ray forwards the owners' lines to the driver).
+log = logging.getLogger("flwr").getChild("flexmore")
 
 FEDERATION = "federation"  # server -> owner: what to train on and how to upload
 TRAIN = "train"  # server -> owner: training hyperparameters
@@ -307,7 +309,13 @@ def default_trainer(public: str, data_paths: list[str], out_dir: Path, hyperpara
     if unknown:
         raise OwnerRefusal(f"unknown training option {unknown[0]!r} (this owner runs another flexmore version?)")
     config = TrainConfig(**{**hyperparameters, "expert_name": owner, **({"device": device} if device else {})})
-    return Path(train_expert(public, list(data_paths), out_dir, config))
+    every = max(1, config.steps // 10)
+
+    def on_step(step: int, loss: float, tokens_per_s: float) -> None:
+        if step % every == 0 or step == config.steps:
+            log.info("%s: step %d/%d, loss %.4f, %s tokens/s", owner, step, config.steps, loss, f"{tokens_per_s:,.0f}")
+
+    return Path(train_expert(public, list(data_paths), out_dir, config, on_step=on_step))
 
 
 def owner_reply(message: Message, setup: OwnerSetup, train_fn: TrainFn | None = None) -> Message:

@@ -151,8 +151,22 @@ def run_federation_simulation(
         "client_resources": {"num_cpus": 1, "num_gpus": float(gpus_per_owner)},
         "init_args": {"num_cpus": cpus, **({} if gpus_per_owner else {"num_gpus": 0})},
     }
-    run_simulation(server_app=server, client_app=client, num_supernodes=len(owners), backend_config=backend_config,
-                   verbose_logging=verbose)
+    import logging
+    import warnings
+
+    def not_deprecation_notice(record: logging.LogRecord) -> bool:
+        # run_simulation is Flower's in-process entry point (flwr run needs an app on disk); its notice is noise here
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+    flower_log = logging.getLogger("flwr")
+    flower_log.addFilter(not_deprecation_notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            run_simulation(server_app=server, client_app=client, num_supernodes=len(owners),
+                           backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        flower_log.removeFilter(not_deprecation_notice)
     if not results:
         raise FlexmoreError("the simulation ended without a result (see the log above)")
     return results[0]

@@ -89,6 +89,17 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
         log(f"[{name}] finished in {result['seconds']} s")
         return result
 
+    def progress(name: str) -> Callable[[int, int, str], None]:
+        """A progress callback printing about every tenth of a step's work (and its last item)."""
+        shown = {"at": 0}
+
+        def tick(done: int, total: int, what: str = "") -> None:
+            if done >= total or done - shown["at"] >= max(1, total // 10):
+                shown["at"] = done
+                log(f"[{name}] {done}/{total}" + (f" {what}" if what else ""))
+
+        return tick
+
     from .corpora import build_world_text, write_jsonl
     from .tasks import write_tasks
 
@@ -135,8 +146,13 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
                                 seq_len=p.seq_len, batch_size=p.batch_size, steps=p.pretrain_steps,
                                 lr=p.pretrain_lr, seed=seed)
         losses = []
-        pretrain_public(read_jsonl(out / "data" / "public.jsonl"), tok, out / "public", config,
-                        on_step=lambda s, loss, tps: losses.append(loss))
+        tick = progress("public")
+
+        def on_step(done: int, loss: float, tokens_per_s: float) -> None:
+            losses.append(loss)
+            tick(done, p.pretrain_steps, f"loss {loss:.3f}, {tokens_per_s:,.0f} tokens/s")
+
+        pretrain_public(read_jsonl(out / "data" / "public.jsonl"), tok, out / "public", config, on_step=on_step)
         return {"first_loss": round(losses[0], 3), "last_loss": round(losses[-1], 3)}
 
     step("public", public_step)
@@ -157,7 +173,16 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
     def svd_step():
         from ..extract import extract
 
-        result = extract(out / "flexolmo", out / "extract", sweep=p.ranks, cache_only=True, cache_dir=out / "svd-cache")
+        config = json.loads((out / "flexolmo" / "config.json").read_text())
+        total = (config["num_experts"] - 1) * config["num_hidden_layers"] * 3
+        tick, seen = progress("svd"), []
+
+        def on_step(what: str) -> None:
+            seen.append(what)
+            tick(len(seen), total, what)
+
+        result = extract(out / "flexolmo", out / "extract", sweep=p.ranks, cache_only=True, cache_dir=out / "svd-cache",
+                         on_step=on_step)
         return {"timings": result.timings}
 
     step("svd", svd_step)
@@ -167,7 +192,8 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
         from ..eval.sweep import run_sweep
 
         s = run_sweep(out / "flexolmo", tasks, out / "results.sqlite", ranks=p.ranks, ks=p.ks,
-                      cache_dir=out / "svd-cache", include=("public", "pair", "homogeneous"), batch_size=16)
+                      cache_dir=out / "svd-cache", include=("public", "pair", "homogeneous"), batch_size=16,
+                      on_progress=progress("sweep"))
         return {"mixtures": s.mixtures, "evaluated": s.evaluated}
 
     step("sweep", sweep_step)
@@ -190,7 +216,8 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
 
         specs = [str(out / "selections" / f"best-{by}.json") for by in ("All", p.group_for_selection)]
         s = run_sweep(out / "flexolmo", tasks, out / "results.sqlite", ranks=p.ranks, ks=p.ks, specs=specs,
-                      cache_dir=out / "svd-cache", include=("heterogeneous",), batch_size=16)
+                      cache_dir=out / "svd-cache", include=("heterogeneous",), batch_size=16,
+                      on_progress=progress("selections"))
         return {"evaluated": s.evaluated}
 
     step("selections", selections_step)
