@@ -171,18 +171,45 @@ def test_sweep_plans_the_study_and_stores_one_row_per_metric(world, tmp_path):
     assert again.evaluated == 0 and again.skipped == 26
 
 
+def test_selections_that_pick_the_same_ranks_are_each_reported(world, tmp_path):
+    """Two named selections may agree (tiny worlds often pick rank 1 everywhere): neither may vanish."""
+    source, tasks = world
+    specs = []
+    for name in ("best-All", "best-math"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "ranks": {"code": 2, "chat": 2, "math": 2}}))
+        specs.append(str(path))
+    db = tmp_path / "r.sqlite"
+    run_sweep(source, [str(tasks / "facts.jsonl")], db, ks="2", specs=specs, include=("heterogeneous",))
+    rows = [r for r in ResultStore(db).rows() if r["is_main"]]
+    assert sorted(r["rank_label"] for r in rows) == ["best-All", "best-math"]
+    assert rows[0]["value"] == rows[1]["value"] and rows[0]["ranks"] == rows[1]["ranks"]
+
+
 def test_full_pair_scores_equal_a_converted_two_expert_model(world, tmp_path):
     """A mixture assembled in memory is the model you'd get on disk: same scores through lm-eval."""
     source, tasks = world
     db = tmp_path / "r.sqlite"
     run_sweep(source, [str(tasks / "facts.jsonl")], db, ranks="full", include=("pair",))
     from flexmore.convert import load_model
-    from flexmore.eval.sweep import load_tokenizer
+    from flexmore.checkpoint import tokenizer_from_dir
 
     pair = convert_checkpoint(source, tmp_path / "pair", drop_experts=["code", "math"], top_k=2).out
-    (expected,) = evaluate(load_model(pair), load_tokenizer(pair), [str(tasks / "facts.jsonl")], device="cpu")
+    (expected,) = evaluate(load_model(pair), tokenizer_from_dir(pair), [str(tasks / "facts.jsonl")], device="cpu")
     row = [r for r in ResultStore(db).rows() if r["expert_under_test"] == "chat" and r["metric"] == "bpb"][0]
     assert row["value"] == pytest.approx(expected.metrics["bpb"], rel=1e-5)
+
+
+def test_sweep_leaves_progress_to_its_own_display(world, tmp_path, capsys):
+    """lm-eval's per-task bars would bury the sweep's progress lines: only `flexmore eval` shows them."""
+    source, tasks = world
+    from flexmore.convert import load_model
+    from flexmore.checkpoint import tokenizer_from_dir
+
+    run_sweep(source, [str(tasks)], tmp_path / "r.sqlite", ranks="full", include=("public",))
+    assert "it/s" not in capsys.readouterr().err
+    evaluate(load_model(source), tokenizer_from_dir(source), [str(tasks / "facts.jsonl")], device="cpu")
+    assert "Running loglikelihood requests" in capsys.readouterr().err
 
 
 def test_killed_sweep_resumes_without_loss_or_duplicates(world, tmp_path):

@@ -71,3 +71,12 @@ def test_report_errors(tmp_path, flexmore):
     assert not (tmp_path / "o").exists()
     ok = synthetic(tmp_path / "r.jsonl")
     assert_one_error_line(flexmore("report", ok, tmp_path / "o", "--kinds", "facts=trivia"), "--kinds")
+
+
+def test_fitted_ranks_beyond_the_sweep_are_not_extrapolated():
+    from flexmore.analysis.report import _swept_rank
+
+    ranks = (1, 2, 4, 8, 16, 32, 64)
+    assert _swept_rank(5.0, ranks) == "32" and _swept_rank(0.0, ranks) == "1" and _swept_rank(6.0, ranks) == "64"
+    assert _swept_rank(140.0, ranks) == ">64"  # a nearly flat quadratic puts its vertex at 2**140
+    assert _swept_rank(-3.0, ranks) == "<1"

@@ -326,3 +326,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
+
+
+def tokenizer_from_dir(path: str | Path):
+    """The tokenizer saved in a checkpoint directory; failure names the directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # tokenizer loading fails in many ways; the user needs the directory named
+        raise FlexmoreError(f"{path}: no usable tokenizer ({type(exc).__name__})") from exc

@@ -269,12 +269,13 @@ def eval_command(
     """Evaluate one model with lm-evaluation-harness on benchmark groups and local task files."""
     from .convert import load_model
     from .eval.engine import evaluate, group_scores, mean_of_group_means, resolve_tasks
-    from .eval.sweep import load_tokenizer
+    from .checkpoint import tokenizer_from_dir
 
     refs = resolve_tasks(split_items(tasks))
     lm_model = load_model(model, top_k=top_k, drop_experts=tuple(drop_expert or ()), device=device)
-    tokenizer = load_tokenizer(Path(lm_model.name_or_path))
-    results = evaluate(lm_model, tokenizer, refs, limit=limit, batch_size=parse_batch(batch_size), device=device)
+    tokenizer = tokenizer_from_dir(Path(lm_model.name_or_path))
+    results = evaluate(lm_model, tokenizer, refs, limit=limit, batch_size=parse_batch(batch_size), device=device,
+                       progress=not _state["quiet"])
     groups = group_scores(results, micro=micro)
     headline = mean_of_group_means(groups)
     if as_json:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import FlexmoreError
+from ..jsonl import jsonl_objects
 
 FULL = 0
 LOWER_IS_BETTER = {"bpb", "bits_per_byte", "perplexity", "word_perplexity", "byte_perplexity"}
@@ -77,16 +78,7 @@ def _read_long(path: Path) -> list[dict]:
             raise FlexmoreError(f"{path}:1: the header lacks {', '.join(sorted(missing))}")
         rows = [(i, row) for i, row in enumerate(reader, 2)]
     else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FlexmoreError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise FlexmoreError(f"{path}:{i}: expected a JSON object")
-            rows.append((i, obj))
+        rows = list(jsonl_objects(text, path))
     return [_normalise(f"{path}:{i}", row) for i, row in rows]
 
 

@@ -81,6 +81,15 @@ def _section(title: str, body: Callable[[], str]) -> str:
         return f"## {title}\n\nNot available: {exc}\n"
 
 
+def _swept_rank(log2_rank: float, ranks: tuple[int, ...]) -> str:
+    """A fitted rank as a number inside the swept ranks, or as '<lowest' / '>highest' outside them."""
+    if log2_rank < math.log2(ranks[0]):
+        return f"<{ranks[0]}"
+    if log2_rank > math.log2(ranks[-1]):
+        return f">{ranks[-1]}"
+    return f"{2 ** log2_rank:.0f}"
+
+
 def write_report(results: str | Path, out: str | Path, kinds: dict[str, str] | None = None, bootstrap: int = 200,
                  overwrite: bool = False) -> Path:
     """report.md, report.json and PNG figures in OUT (written to a temporary sibling, renamed at the end)."""
@@ -153,13 +162,18 @@ def write_report(results: str | Path, out: str | Path, kinds: dict[str, str] | N
             data["regression"] = fit.to_dict()
             rows = []
             for g in fit.groups:
-                interval = (f"[{2 ** g.bootstrap.low:.0f}, {2 ** g.bootstrap.high:.0f}]"
-                            if g.bootstrap and g.bootstrap.low is not None else "-")
+                b = g.bootstrap
+                interval = "-"
+                if b and b.low is not None:
+                    interval = (f"[{_swept_rank(b.low, g.ranks)}, {_swept_rank(b.high, g.ranks)}] "
+                                f"({b.kept}/{b.draws} refits with a maximum)")
                 rows.append([g.group, g.n, f"{g.linear.estimate:+.4f} [{g.linear.low:+.4f}, {g.linear.high:+.4f}]",
                              f"{g.quadratic.estimate:+.4f} [{g.quadratic.low:+.4f}, {g.quadratic.high:+.4f}]",
-                             f"{g.r_squared:.3f}", f"{g.vertex_rank:.0f}" if g.vertex_rank else "none", interval])
+                             f"{g.r_squared:.3f}",
+                             "none" if g.vertex_log2 is None else _swept_rank(g.vertex_log2, g.ranks), interval])
             text = ("Per group: utility ~ log2(rank) + log2(rank)^2 + expert fixed effects (finite ranks; 95% CIs; "
-                    "optimum rank with a bootstrap interval).\n\n")
+                    "optimum rank with a bootstrap interval; 'none': the fit has no maximum; ranks beyond the "
+                    "swept range are shown as < or > its ends, since the fit says nothing there).\n\n")
             text += _table(["group", "n", "log2 rank", "log2 rank^2", "R^2", "optimum rank", "bootstrap 95%"], rows)
             if fit.contrast is not None:
                 c = fit.contrast

@@ -8,7 +8,9 @@ Local tasks run offline (local.py); named benchmark groups (groups.py) need the 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..errors import FlexmoreError
@@ -65,16 +67,37 @@ def resolve_tasks(items: list[str]) -> list[TaskRef]:
     return refs
 
 
-def make_lm(model, tokenizer, batch_size: int | str = 8, device: str | None = None):
-    """lm-eval's HFLM around a model object already in memory (FlexMoRE or FlexOlmo)."""
+def make_lm(model, tokenizer, batch_size: int | str = 8, device: str | None = None, progress: bool = True):
+    """lm-eval's HFLM around a model object already in memory (FlexMoRE or FlexOlmo).
+
+    progress=False silences lm-eval's per-request progress bars (a sweep shows its own progress)."""
     from lm_eval.models.huggingface import HFLM
 
+    quiet_lm_eval()  # before HFLM warns that it was handed a model object, which is what we mean to do
     device = device or str(next(model.parameters()).device)
-    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
+    cls = HFLM if progress else _quiet_hflm(HFLM)
+    return cls(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
+
+
+def _quiet_hflm(hflm: type) -> type:
+    """HFLM whose request methods never draw a progress bar (lm-eval's evaluator gives no way to ask)."""
+
+    class QuietHFLM(hflm):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def lm_eval_tasks(refs: list[TaskRef], limit: int | None = None) -> list:
     """Build the lm-eval task objects (hub groups loaded once per group)."""
+    quiet_lm_eval()  # building a local task warns about lm-eval's --metadata option, which we do not use
     tasks = []
     by_group: dict[str, list[TaskRef]] = {}
     for ref in refs:
@@ -91,19 +114,22 @@ def lm_eval_tasks(refs: list[TaskRef], limit: int | None = None) -> list:
 
 
 def evaluate(model, tokenizer, tasks: list[str] | list[TaskRef], limit: int | None = None,
-             batch_size: int | str = 8, device: str | None = None, lm=None) -> list[TaskResult]:
-    """Run lm-eval on the tasks; `limit` caps instances per task (the paper used 1000)."""
+             batch_size: int | str = 8, device: str | None = None, lm=None, progress: bool = True) -> list[TaskResult]:
+    """Run lm-eval on the tasks; `limit` caps instances per task (the paper used 1000).
+
+    progress=False: no lm-eval progress bars (a caller showing its own progress, like the sweep)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     refs = tasks if tasks and isinstance(tasks[0], TaskRef) else resolve_tasks(list(tasks))
-    lm = lm or make_lm(model, tokenizer, batch_size, device)
+    lm = lm or make_lm(model, tokenizer, batch_size, device, progress=progress)
     built = lm_eval_tasks(refs, limit)
     quiet_lm_eval()
     unsafe = any(ref.group == "Code4" for ref in refs)  # code tasks execute generated programs
-    out = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, bootstrap_iters=0, log_samples=False,
-                                  task_manager=TaskManager(include_defaults=False), verbosity="WARNING",
-                                  confirm_run_unsafe_code=unsafe)
+    with _request_bars(progress):
+        out = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, bootstrap_iters=0, log_samples=False,
+                                      task_manager=TaskManager(include_defaults=False), verbosity="ERROR",
+                                      confirm_run_unsafe_code=unsafe)
     return collect(refs, out)
 
 
@@ -130,6 +156,20 @@ def collect(refs: list[TaskRef], out: dict) -> list[TaskResult]:
 
 def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
+
+
+@contextmanager
+def _request_bars(shown: bool):
+    """lm-eval draws a bar per task while building its requests, with no option to turn it off."""
+    import lm_eval.api.task as lm_eval_task
+
+    drawn = lm_eval_task.tqdm
+    if not shown:
+        lm_eval_task.tqdm = partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        lm_eval_task.tqdm = drawn
 
 
 def quiet_lm_eval() -> None:

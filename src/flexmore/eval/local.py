@@ -25,7 +25,6 @@ headline metric). Formats and what they score (REFERENCE §7):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FlexmoreError
+from ..jsonl import jsonl_objects
 
 FORMATS = ("rc", "mc", "gen")
 CHOICE_METRICS = ("acc_raw", "acc_per_char", "acc_uncond", "bpb")
@@ -69,15 +69,7 @@ def read_task_file(path: str | Path) -> LocalTaskSpec:
         raise FlexmoreError(f"{path}: no such task file")
     header: dict = {}
     rows: list[tuple[int, dict]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FlexmoreError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise FlexmoreError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, obj in jsonl_objects(path.read_text(encoding="utf-8"), path):
         if "task" in obj:
             if rows or header:
                 raise FlexmoreError(f"{path}:{lineno}: the 'task' header must be the first line")

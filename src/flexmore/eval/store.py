@@ -65,7 +65,9 @@ class Mixture:
     @property
     def id(self) -> str:
         parts = ",".join(f"{n}:{'full' if r == 0 else r}" for n, r in zip(self.experts, self.ranks))
-        return f"{self.kind}|{parts}|k={self.k}"
+        # a heterogeneous mixture is a named selection: two selections that pick the same ranks are both reported
+        kind = f"{self.kind}:{self.rank_label}" if self.kind == "heterogeneous" else self.kind
+        return f"{kind}|{parts}|k={self.k}"
 
 
 class ResultStore:

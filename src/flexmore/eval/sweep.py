@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import tokenizer_from_dir
 from ..config import FULL, FlexMoREConfig, break_even_rank, count_parameters, parse_rank_spec
 from ..convert import _EXPERT_KEY, _ROUTER_KEY, expert_key, mixture_config, open_checkpoint
 from ..errors import FlexmoreError
@@ -235,7 +236,7 @@ def run_sweep(
             evaluated = run_on_ray(ray_address, str(source), str(builder.cache.path) if builder.cache else None, todo,
                                    store, limit, batch_size, device, done, total, on_progress)
         else:
-            tokenizer = load_tokenizer(builder.reader.path)
+            tokenizer = tokenizer_from_dir(builder.reader.path)
             for mixture, experts, pending in todo:
                 model = builder.build(experts, list(mixture.ranks), mixture.k).to(device)
                 for result in evaluate_each(model, tokenizer, pending, limit, batch_size, device):
@@ -250,19 +251,10 @@ def run_sweep(
 
 def evaluate_each(model, tokenizer, refs: list[TaskRef], limit, batch_size, device):
     """Results one task at a time, so each can be stored the moment it is known."""
-    lm = make_lm(model, tokenizer, batch_size, device)
+    lm = make_lm(model, tokenizer, batch_size, device, progress=False)  # the sweep shows its own progress
     for ref in refs:
-        (result,) = evaluate(model, tokenizer, [ref], limit=limit, lm=lm)
+        (result,) = evaluate(model, tokenizer, [ref], limit=limit, lm=lm, progress=False)
         yield result
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # tokenizer loading fails in many ways; the user needs the directory named
-        raise FlexmoreError(f"{path}: no usable tokenizer ({type(exc).__name__})") from exc
 
 
 def evaluate_mixture(source: str, cache_path: str | None, experts: list[int], mixture: Mixture, refs: list[TaskRef],
@@ -271,4 +263,4 @@ def evaluate_mixture(source: str, cache_path: str | None, experts: list[int], mi
     builder = MixtureBuilder(source, SvdCache.open(cache_path) if cache_path else None)
     model = builder.build(experts, list(mixture.ranks), mixture.k).to(device)
     return [(r.task, r.group, r.metrics, r.main_metric, r.n)
-            for r in evaluate_each(model, load_tokenizer(builder.reader.path), refs, limit, batch_size, device)]
+            for r in evaluate_each(model, tokenizer_from_dir(builder.reader.path), refs, limit, batch_size, device)]

@@ -12,7 +12,6 @@ works, with any number of experts: expert 0 is the public FFN by convention (REF
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ import torch
 
 from ..config import PUBLIC, FlexMoREConfig
 from ..errors import FlexmoreError
+from ..checkpoint import tokenizer_from_dir
+from ..jsonl import jsonl_objects
 
 DOC_SUFFIXES = (".jsonl", ".txt")
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
@@ -77,15 +78,8 @@ def _read_text(file: Path) -> str:
 
 def _read_jsonl(file: Path) -> list[str]:
     docs = []
-    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() would cut at
-    for lineno, line in enumerate(_read_text(file).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FlexmoreError(f"{file}:{lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+    for lineno, obj in jsonl_objects(_read_text(file), file):
+        if not isinstance(obj.get("text"), str):
             raise FlexmoreError(f"{file}:{lineno}: expected a JSON object with a string \"text\" field")
         if obj["text"].strip():
             docs.append(obj["text"])
@@ -244,15 +238,6 @@ def load_tokenizer(public: PublicModel, tokenizer=None):
         tokenizer = tokenizer_from_dir(public.source)
     check_tokenizer(tokenizer, public.vocab_size, public.describe())
     return tokenizer
-
-
-def tokenizer_from_dir(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # tokenizer loading fails in many ways; the user needs the directory named
-        raise FlexmoreError(f"{path}: no usable tokenizer ({type(exc).__name__})") from exc
 
 
 def check_tokenizer(tokenizer, vocab_size: int, where: str) -> None:

@@ -519,7 +519,8 @@ def heldout_loss(model_or_path, texts: Sequence[str], seq_len: int, batch_size: 
     tokenizer comes from the checkpoint directory unless given.
     """
     from ..convert import load_model
-    from .data import _model_dir, tokenizer_from_dir
+    from ..checkpoint import tokenizer_from_dir
+    from .data import _model_dir
 
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_model(model_or_path)

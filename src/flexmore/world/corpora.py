@@ -4,8 +4,9 @@
   chat    human conversations from the `chitchat-dataset` package (MIT)                     knowledge
   math    multi-step arithmetic with its working, generated here                            reasoning
   facts   trivia, history, science, literature Q&A from the `chatterbot-corpus` package    knowledge
-  public  general English and Python from chatterbot-corpus's other topics and stdlib
-          docstrings, plus a small slice of each domain (a public model knows a bit of everything)
+  public  general English about computing: Python's own help pages (`pydoc_data`), the docstrings
+          of stdlib modules that no domain uses, chatterbot-corpus's other topics, plus a small
+          slice of each domain (a public model knows a bit of everything)
 
 Every split is deterministic under the seed. Held-out text never appears in training, except for
 `facts`, whose point is recall: its tasks ask the trained facts in another wording.
@@ -13,6 +14,7 @@ Every split is deterministic under the seed. Held-out text never appears in trai
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import random
@@ -120,7 +122,8 @@ def math_domain(rng: random.Random, limit: int) -> Domain:
         expression, working, answer = arithmetic_problem(r, r.randint(2, 4))
         return f"Compute {expression}.\n{working}\nAnswer: {answer}", expression, answer
 
-    train = [doc(rng)[0] for _ in range(limit)]
+    # generated text is free: four times the others' documents, since each problem is short
+    train = [doc(rng)[0] for _ in range(4 * limit)]
     held_rng = random.Random(rng.random())
     heldout, items = [], []
     for _ in range(max(20, limit // 5)):
@@ -162,16 +165,60 @@ def facts_domain(rng: random.Random, limit: int) -> Domain:
                   heldout, items)
 
 
+# Modules whose docstrings feed the public corpus: none of them is a code-domain module (train or held out)
+DOCSTRING_MODULES = ["os", "re", "math", "random", "itertools", "pathlib", "typing", "io", "time", "datetime",
+                     "shutil", "subprocess", "socket", "threading", "asyncio", "sqlite3", "decimal", "hashlib",
+                     "secrets", "struct", "codecs", "inspect", "ast", "dis", "pickle", "shelve", "html",
+                     "unittest", "doctest", "pdb", "trace", "timeit", "traceback", "warnings", "contextlib", "abc",
+                     "types", "concurrent.futures", "multiprocessing", "selectors", "signal", "platform",
+                     "sysconfig", "tempfile", "filecmp", "fileinput", "plistlib", "wave", "turtle", "cmd", "code",
+                     "graphlib", "zoneinfo", "lzma", "bz2", "gzip", "xml.dom.minidom", "xml.etree.ElementTree"]
+
+
+def _docstrings(module_name: str) -> list[str]:
+    """The module's docstring and those of its top-level functions and classes (80 characters or more),
+    read from its source file, so that nothing imported or patched at run time changes the corpus."""
+    try:
+        module = import_module(module_name)
+    except ImportError:
+        return []
+    docs = [inspect.cleandoc(module.__doc__ or "")]
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):  # a C module has no source: its own docstring only
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            docs.append(ast.get_docstring(node) or "")
+    return [d for d in docs if len(d) >= 80]
+
+
+def _help_pages() -> list[str]:
+    """Python's interactive help pages (the language reference's prose), split into paragraphs of text."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    docs = []
+    for key in sorted(topics):
+        paragraphs = [x.strip() for x in topics[key].split("\n\n") if x.strip()]
+        chunk = ""
+        for paragraph in paragraphs:
+            if len(chunk) + len(paragraph) > 1500 and chunk:
+                docs.append(chunk)
+                chunk = ""
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+        if chunk:
+            docs.append(chunk)
+    return docs
+
+
 def public_corpus(domains: dict[str, Domain], rng: random.Random, share: float = 0.1) -> list[str]:
     """General text plus a small slice of every domain."""
     docs = [f"{q}\n{a}" for q, a in _chatterbot(PUBLIC_TOPICS)]
-    for module in ("os", "re", "math", "random", "itertools", "pathlib", "typing", "io", "time", "datetime"):
-        try:
-            doc = inspect.getdoc(import_module(module))
-        except ImportError:
-            doc = None
-        if doc:
-            docs.append(doc)
+    docs += _help_pages()
+    for module in DOCSTRING_MODULES:
+        docs += _docstrings(module)
     for domain in domains.values():
         docs.extend(domain.train[: max(1, int(share * len(domain.train)))])
     rng.shuffle(docs)
