@@ -71,3 +71,21 @@ def test_rerun_resumes_finished_steps(demo):
     assert sum("skipped" in m for m in messages) == 10
     with pytest.raises(flexmore.FlexmoreError, match="other settings"):
         run_demo(out, preset="quick", seed=1, log=None)
+
+
+def test_same_seed_same_numbers(demo, tmp_path):
+    out, _ = demo
+    again = tmp_path / "again"
+    run_demo(again, preset="quick", seed=0, log=None)
+
+    def values(path):
+        con = sqlite3.connect(path)
+        try:
+            return {(m, t, metric): v for m, t, metric, v in con.execute("SELECT mixture, task, metric, value FROM results")}
+        finally:
+            con.close()
+
+    first, second = values(out / "results.sqlite"), values(again / "results.sqlite")
+    assert first and first == second
+    for name in ("public/model.safetensors", "final-flexmore/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
