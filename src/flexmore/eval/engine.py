@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from ..errors import FlexmoreError
@@ -79,6 +79,7 @@ def make_lm(model, tokenizer, batch_size: int | str = 8, device: str | None = No
     return cls(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
 
 
+@cache
 def _quiet_hflm(hflm: type) -> type:
     """HFLM whose request methods never draw a progress bar (lm-eval's evaluator gives no way to ask)."""
 
@@ -123,8 +124,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRef], limit: int | No
 
     refs = tasks if tasks and isinstance(tasks[0], TaskRef) else resolve_tasks(list(tasks))
     lm = lm or make_lm(model, tokenizer, batch_size, device, progress=progress)
-    built = lm_eval_tasks(refs, limit)
-    quiet_lm_eval()
+    built = lm_eval_tasks(refs, limit)  # quiets lm-eval's logging, as make_lm does
     unsafe = any(ref.group == "Code4" for ref in refs)  # code tasks execute generated programs
     with _request_bars(progress):
         out = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, bootstrap_iters=0, log_samples=False,

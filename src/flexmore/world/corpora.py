@@ -194,7 +194,8 @@ def _docstrings(module_name: str) -> list[str]:
 
 
 def _help_pages() -> list[str]:
-    """Python's interactive help pages (the language reference's prose), split into paragraphs of text."""
+    """Python's interactive help pages (the language reference's prose), in documents of whole
+    paragraphs of up to about 1,500 characters."""
     try:
         from pydoc_data.topics import topics
     except ImportError:
