@@ -57,6 +57,7 @@ an owner's machine: only expert 1's weights (or their low-rank factors) and one 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -65,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -151,9 +153,6 @@ def run_federation_simulation(
         "client_resources": {"num_cpus": 1, "num_gpus": float(gpus_per_owner)},
         "init_args": {"num_cpus": cpus, **({} if gpus_per_owner else {"num_gpus": 0})},
     }
-    import logging
-    import warnings
-
     def not_deprecation_notice(record: logging.LogRecord) -> bool:
         # run_simulation is Flower's in-process entry point (flwr run needs an app on disk); its notice is noise here
         return "DEPRECATED FEATURE" not in record.getMessage()

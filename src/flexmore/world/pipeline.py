@@ -91,11 +91,12 @@ def run_demo(out: str | Path, preset: str = "quick", seed: int = 0,
 
     def progress(name: str) -> Callable[[int, int, str], None]:
         """A progress callback printing about every tenth of a step's work (and its last item)."""
-        shown = {"at": 0}
+        shown = 0
 
         def tick(done: int, total: int, what: str = "") -> None:
-            if done >= total or done - shown["at"] >= max(1, total // 10):
-                shown["at"] = done
+            nonlocal shown
+            if done >= total or done - shown >= max(1, total // 10):
+                shown = done
                 log(f"[{name}] {done}/{total}" + (f" {what}" if what else ""))
 
         return tick
